@@ -1,0 +1,30 @@
+# sbe: the two quick-start targets are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SBE    := $(VENV)/bin/sbe
+GUESTS := build/guests
+
+.PHONY: setup guests demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+guests:
+	$(MAKE) -s -C guests OUT=$(abspath $(GUESTS))
+
+demo: setup guests
+	@echo '== sbe run --mode emulate --stats -- $(GUESTS)/branches'
+	$(SBE) run --mode emulate --stats --sites-out build/demo-sites.json -- $(GUESTS)/branches
+	@echo '== sbe sites build/demo-sites.json --module branches'
+	$(SBE) sites build/demo-sites.json --module branches
+
+test: setup guests
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,91 @@
+"""Sites: the guest instructions sbe virtualizes, and the table that finds them.
+
+A site is keyed by its guest address while it lives in one address space, and by
+module + offset when it is reported or cached, because a module's base moves from run
+to run (ASLR) while its offsets do not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KINDS = ("syscall", "cpuid", "rdtsc", "rdtscp", "pkru", "privileged", "branch")
+STRATEGIES = ("int3", "jmp5")
+
+
+@dataclass
+class Site:
+    address: int
+    size: int
+    kind: str
+    mnemonic: str
+    op_str: str
+    original: bytes
+    strategy: str = "int3"
+    reason: str = ""
+    module: str = ""
+    offset: int = 0
+    hits: int = 0
+    # Per-kind data a handler derives once (e.g. a branch's decoded operand) and
+    # keeps, so a trap does not decode the instruction again.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    @property
+    def insn(self) -> str:
+        return f"{self.mnemonic} {self.op_str}".strip()
+
+    def to_record(self) -> dict:
+        """The site as plain JSON-able data (the sites file's row)."""
+        return {
+            "address": self.address,
+            "module": self.module,
+            "offset": self.offset,
+            "kind": self.kind,
+            "insn": self.insn,
+            "bytes": self.original.hex(),
+            "size": self.size,
+            "strategy": self.strategy,
+            "reason": self.reason,
+            "hits": self.hits,
+        }
+
+
+class SiteTable:
+    """All sites of one address space, by guest address.
+
+    Shared by the threads of the address space; copied for a forked child, whose
+    memory is a copy too.
+    """
+
+    def __init__(self) -> None:
+        self._by_address: dict[int, Site] = {}
+
+    def add(self, site: Site) -> None:
+        self._by_address[site.address] = site
+
+    def get(self, address: int) -> Site | None:
+        return self._by_address.get(address)
+
+    def remove(self, address: int) -> Site | None:
+        return self._by_address.pop(address, None)
+
+    def in_range(self, start: int, end: int) -> list[Site]:
+        return [s for a, s in self._by_address.items() if start <= a < end]
+
+    def __iter__(self):
+        return iter(sorted(self._by_address.values(), key=lambda s: s.address))
+
+    def __len__(self) -> int:
+        return len(self._by_address)
+
+    def __contains__(self, address: int) -> bool:
+        return address in self._by_address
+
+    def copy(self) -> "SiteTable":
+        twin = SiteTable()
+        for site in self._by_address.values():
+            twin.add(Site(**{**site.__dict__, "cache": dict(site.cache)}))
+        return twin

@@ -1,0 +1,106 @@
+"""Run a program under sbe, every sensitive instruction and indirect branch virtualized.
+
+The guest's stdin, stdout and stderr pass through untouched; sbe's own messages go to
+stderr only when asked (-v, --stats) or to --log FILE. sbe exits with the guest's
+status, or 128+N when a signal N killed it, as a shell reports it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+from monitor.launch import LaunchError, resolve
+
+log = logging.getLogger("sbe")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["emulate"], default="emulate",
+                   help="emulate: every site is an int3 the monitor emulates (default)")
+    p.add_argument("--sites-out", metavar="FILE",
+                   help="save the site table (every process's sites, with hits) as JSON, for `sbe sites`")
+    p.add_argument("--stats", action="store_true",
+                   help="print statistics (sites per kind, traps, escapes, costs) on stderr at the end")
+    p.add_argument("--stats-json", metavar="FILE", help="write the statistics as JSON to FILE")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log what sbe does on stderr (-vv for more)")
+    p.add_argument("--log", metavar="FILE", help="write sbe's log to FILE instead of stderr")
+    p.add_argument("program", metavar="PROGRAM", help="the program to run (looked up in PATH like a shell)")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
+
+
+def setup_logging(verbose: int, path: str | None) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sbe: %(message)s"))
+    root = logging.getLogger("sbe")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    if not path and verbose == 0:
+        # Quiet by default: the guest's stderr is the user's.
+        root.setLevel(logging.ERROR)
+
+
+def site_rows(session) -> list[dict]:
+    rows = []
+    for space in session.spaces:
+        for site in space.sites:
+            row = site.to_record()
+            row["pid"] = space.pid
+            rows.append(row)
+    return rows
+
+
+def forward_signals(session) -> None:
+    """SIGTERM/SIGHUP sent to sbe go to the guest, as to a shell's child; SIGINT and
+    SIGQUIT from the terminal reach the guest directly (same process group)."""
+    def forward(signum, _frame):
+        try:
+            os.kill(session.first_pid, signum)
+        except OSError:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run(args) -> int:
+    from meta import sitesfile
+    from monitor.session import Session
+
+    setup_logging(args.verbose, args.log)
+    args_list = args.args[1:] if args.args[:1] == ["--"] else args.args
+    argv = [args.program, *args_list]
+    try:
+        path = resolve(args.program)
+    except LaunchError as e:
+        print(f"sbe: {e}", file=sys.stderr)
+        return e.status
+    if args.sites_out and os.path.isdir(args.sites_out):
+        print(f"sbe: --sites-out {args.sites_out}: Is a directory", file=sys.stderr)
+        return 2
+    session = Session(argv, path, mode=args.mode)
+    try:
+        session.start()
+    except LaunchError as e:
+        print(f"sbe: {e}", file=sys.stderr)
+        return e.status
+    forward_signals(session)
+    status = session.run()
+    if args.sites_out:
+        try:
+            sitesfile.save(args.sites_out, argv, args.mode, site_rows(session))
+        except OSError as e:
+            print(f"sbe: cannot write {args.sites_out}: {e.strerror}", file=sys.stderr)
+    if args.stats:
+        print(session.stats.render(), file=sys.stderr)
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(session.stats.as_dict(), f, indent=1)
+    return status

@@ -1,0 +1,92 @@
+"""Setting up a freshly exec'd image before its first instruction runs.
+
+At the exec's syscall-exit stop: map the gadget at its fixed address (the seccomp
+filter, which survives exec, allows syscalls from there), make every executable
+mapping non-executable so its first fetch faults into the scanner, scan the vDSO
+eagerly (the kernel refuses to mprotect it), and arm CPUID faulting where the CPU has
+it (exec resets it).
+"""
+from __future__ import annotations
+
+import io
+import logging
+
+from elftools.elf.elffile import ELFFile
+
+from meta.module import parse_maps
+from meta.pagemap import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
+from monitor import remote
+from patcher import gadget
+
+log = logging.getLogger("sbe")
+
+SYS_mmap, SYS_mprotect, SYS_arch_prctl = 9, 10, 158
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
+ARCH_SET_CPUID = 0x1012
+
+
+class SetupError(Exception):
+    pass
+
+
+def prot_of(perms: str) -> int:
+    return ((PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
+            | (PROT_EXEC if perms[2] == "x" else 0))
+
+
+def setup_image(session, thread) -> None:
+    space = thread.space
+    mem = space.mem
+    result = remote.bootstrap(thread, mem, SYS_mmap, gadget.GADGET_BASE, gadget.GADGET_SIZE,
+                              PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                              -1, 0)
+    if result != gadget.GADGET_BASE:
+        raise SetupError(f"cannot map the syscall gadget at {gadget.GADGET_BASE:#x} (result {result})")
+    mem.write(gadget.GADGET_BASE, gadget.CODE)
+    session.stats.remote_syscalls += 1
+    space.maps_changed()
+    with open(f"/proc/{thread.tid}/maps") as f:
+        maps = parse_maps(f.read())
+    for m in maps:
+        if "x" not in m.perms or m.start == gadget.GADGET_BASE or m.path == "[vsyscall]":
+            continue
+        prot = prot_of(m.perms)
+        space.pages.track(m.start, m.end, prot)
+        if m.path == "[vdso]":
+            continue
+        session.stats.remote_syscalls += 1
+        r = remote.inject(thread, SYS_mprotect, m.start, m.end - m.start, prot & ~PROT_EXEC)
+        if r < 0:
+            raise SetupError(f"cannot make {m.path or 'code'} at {m.start:#x} non-executable ({r})")
+    for m in maps:
+        if m.path == "[vdso]":
+            scan_vdso(session, space, m.start, m.end)
+    if session.cpuid_faulting:
+        session.stats.remote_syscalls += 1
+        if remote.inject(thread, SYS_arch_prctl, ARCH_SET_CPUID, 0) < 0:
+            log.info("CPUID faulting unavailable: a cpuid the scanner misses runs natively")
+            session.cpuid_faulting = False
+
+
+def vdso_entries(image: bytes, base: int) -> set[int]:
+    """The vDSO's exported functions: the only ways into it."""
+    elf = ELFFile(io.BytesIO(image))
+    low = min(s["p_vaddr"] for s in elf.iter_segments() if s["p_type"] == "PT_LOAD")
+    entries = set()
+    for section in elf.iter_sections():
+        if section["sh_type"] in ("SHT_DYNSYM", "SHT_SYMTAB"):
+            for sym in section.iter_symbols():
+                if sym["st_info"]["type"] == "STT_FUNC" and sym["st_value"]:
+                    entries.add(base + sym["st_value"] - low)
+    return entries
+
+
+def scan_vdso(session, space, start: int, end: int) -> None:
+    """The vDSO stays executable (mprotect on it fails), so it is scanned whole now.
+    Its pages with no code left unscanned by the entries are marked scanned too:
+    they hold the ELF headers and data, and nothing else is reachable."""
+    for entry in sorted(vdso_entries(space.mem.read(start, end - start), start)):
+        if start <= entry < end:
+            session.plant_count(space.scan(entry))
+    for page in range(start, end, PAGE):
+        space.pages.pages[page].scanned = True

@@ -1,0 +1,82 @@
+"""The seccomp filter: the kernel net under the scanner, and the syscall policy.
+
+Every syscall is traced to the monitor unless it is issued from the gadget and is not
+one the monitor must see. A syscall instruction the scanner missed therefore still
+stops in the monitor (an *escape*), and a gadget syscall the monitor must see (memory
+mapping, processes, signals, the nets themselves) stops there too.
+"""
+from __future__ import annotations
+
+import errno
+
+from monitor.ptrace_api import ffi, libc
+from patcher import gadget
+
+SYS_seccomp = 317
+SECCOMP_SET_MODE_FILTER = 1
+PR_SET_NO_NEW_PRIVS = 38
+AUDIT_ARCH_X86_64 = 0xC000003E
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_TRACE = 0x7FF00000
+
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_RET_K = 0x06
+
+# The syscalls the monitor must see even from the gadget (x86-64 numbers).
+MUST_SEE = {
+    "mmap": 9, "mprotect": 10, "munmap": 11, "rt_sigaction": 13, "rt_sigreturn": 15, "mremap": 25,
+    "shmat": 30, "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "ptrace": 101,
+    "personality": 135, "prctl": 157, "arch_prctl": 158, "process_vm_readv": 310,
+    "process_vm_writev": 311, "seccomp": 317, "execveat": 322, "pkey_mprotect": 329,
+    "pkey_alloc": 330, "pkey_free": 331, "clone3": 435,
+}
+
+
+def program() -> list[tuple[int, int, int, int]]:
+    """The BPF program as (code, jt, jf, k) tuples; seccomp_data is
+    {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}."""
+    ret = gadget.SYSCALL_RET
+    numbers = sorted(MUST_SEE.values())
+    n = len(numbers)
+    # Layout: 0 ld arch, 1 jeq, 2 ld ip.lo, 3 jeq, 4 ld ip.hi, 5 jeq, 6 ld nr,
+    # 7..7+n-1 jeq nr, 7+n ALLOW, 8+n TRACE. Jump offsets count from the next insn.
+    trace_at = 8 + n
+    prog = [
+        (BPF_LD_W_ABS, 0, 0, 4),
+        (BPF_JEQ_K, 0, trace_at - 2, AUDIT_ARCH_X86_64),
+        (BPF_LD_W_ABS, 0, 0, 8),
+        (BPF_JEQ_K, 0, trace_at - 4, ret & 0xFFFFFFFF),
+        (BPF_LD_W_ABS, 0, 0, 12),
+        (BPF_JEQ_K, 0, trace_at - 6, ret >> 32),
+        (BPF_LD_W_ABS, 0, 0, 0),
+    ]
+    for i, nr in enumerate(numbers):
+        here = 7 + i
+        prog.append((BPF_JEQ_K, trace_at - here - 1, 0, nr))
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))
+    return prog
+
+
+def install() -> None:
+    """Install the filter on the calling thread (the guest-to-be, before exec).
+
+    With CAP_SYS_ADMIN no-new-privs is not needed, and leaving it off keeps
+    set-user-ID programs working as they would natively.
+    """
+    insns = program()
+    filt = ffi.new("struct sock_filter[]", len(insns))
+    for i, (code, jt, jf, k) in enumerate(insns):
+        filt[i].code, filt[i].jt, filt[i].jf, filt[i].k = code, jt, jf, k
+    prog = ffi.new("struct sock_fprog *")
+    prog.len = len(insns)
+    prog.filter = filt
+    if libc.syscall(SYS_seccomp, ffi.cast("long", SECCOMP_SET_MODE_FILTER), ffi.cast("long", 0), prog) == 0:
+        return
+    if ffi.errno != errno.EACCES:
+        raise OSError(ffi.errno, "seccomp")
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if libc.syscall(SYS_seccomp, ffi.cast("long", SECCOMP_SET_MODE_FILTER), ffi.cast("long", 0), prog) != 0:
+        raise OSError(ffi.errno, "seccomp")
+

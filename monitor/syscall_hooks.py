@@ -1,0 +1,119 @@
+"""What the monitor does around the syscalls it must see.
+
+A hook runs at the seccomp stop (syscall entry) with the thread's registers; it may
+rewrite arguments (e.g. strip PROT_EXEC, so new code stays non-executable until
+scanned) and may return a `post` callable, run at the syscall-exit stop, which sees
+the result and puts back any argument register it changed (the guest must find its
+registers as the kernel would leave them).
+"""
+from __future__ import annotations
+
+from meta.pagemap import PAGE, PROT_EXEC
+from monitor import ptrace_api as pt
+
+SA_RESTORER = 0x04000000
+SIG_IGN = 1
+
+
+def _failed(value: int) -> bool:
+    return value >= (1 << 64) - 4095
+
+
+def _span(length: int) -> int:
+    return (length + PAGE - 1) & ~(PAGE - 1)
+
+
+def mmap(session, thread, regs):
+    prot, length = regs.rdx, _span(regs.rsi)
+    if prot & PROT_EXEC:
+        regs.rdx = prot & ~PROT_EXEC
+        pt.setregs(thread.tid, regs)
+
+    def post(out):
+        space = thread.space
+        space.maps_changed()
+        if _failed(out.rax):
+            return
+        space.invalidate(out.rax, out.rax + length, untrack=True)
+        if prot & PROT_EXEC:
+            space.pages.track(out.rax, out.rax + length, prot)
+            out.rdx = prot
+            pt.setregs(thread.tid, out)
+    return post
+
+
+def mprotect(session, thread, regs):
+    start, length, prot = regs.rdi, _span(regs.rsi), regs.rdx
+    space = thread.space
+    # The guest may be about to write: the original bytes go back first.
+    space.invalidate(start, start + length, untrack=False)
+    if not prot & PROT_EXEC and not space.pages.tracked_in(start, start + length):
+        return None
+    if prot & PROT_EXEC:
+        regs.rdx = prot & ~PROT_EXEC
+        pt.setregs(thread.tid, regs)
+
+    def post(out):
+        if _failed(out.rax):
+            return
+        space.pages.untrack(start, start + length)
+        if prot & PROT_EXEC:
+            space.pages.track(start, start + length, prot)
+            out.rdx = prot
+            pt.setregs(thread.tid, out)
+    return post
+
+
+def munmap(session, thread, regs):
+    start, length = regs.rdi, _span(regs.rsi)
+
+    def post(out):
+        thread.space.maps_changed()
+        if not _failed(out.rax):
+            thread.space.invalidate(start, start + length, untrack=True)
+    return post
+
+
+def mremap(session, thread, regs):
+    old, old_len, new_len = regs.rdi, _span(regs.rsi), _span(regs.rdx)
+    space = thread.space
+    moved = space.pages.tracked_in(old, old + old_len)
+    prot = space.pages.pages[moved[0]].prot if moved else 0
+    space.invalidate(old, old + old_len, untrack=False)
+
+    def post(out):
+        space.maps_changed()
+        if _failed(out.rax):
+            return
+        space.pages.untrack(old, old + old_len)
+        if moved:
+            space.pages.track(out.rax, out.rax + new_len, prot)
+    return post
+
+
+def rt_sigaction(session, thread, regs):
+    """A handler's code must be scanned before it runs: its address is an entry."""
+    act = regs.rsi
+    if act:
+        raw = thread.space.mem.read_upto(act, 24)
+        if len(raw) == 24:
+            handler = int.from_bytes(raw[0:8], "little")
+            flags = int.from_bytes(raw[8:16], "little")
+            restorer = int.from_bytes(raw[16:24], "little")
+            if handler > SIG_IGN:
+                session.learn_entry(thread.space, handler)
+            if flags & SA_RESTORER and restorer:
+                session.learn_entry(thread.space, restorer)
+    return None
+
+
+def rt_sigreturn(session, thread, regs):
+    # The frame restores every register: a gadget return pending for this thread is moot.
+    thread.gadget_site = None
+    return None
+
+
+HOOKS = {
+    9: mmap, 10: mprotect, 11: munmap, 13: rt_sigaction, 15: rt_sigreturn, 25: mremap,
+    329: mprotect,
+}
