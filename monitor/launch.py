@@ -79,7 +79,7 @@ def spawn(path: str, argv: list[str]) -> int:
         except BaseException as e:  # noqa: BLE001 - report and leave, whatever it was
             os.write(2, f"sbe: {argv[0]}: {e}\n".encode())
         os._exit(127)
-    _, status = os.waitpid(pid, pt.__WALL)
+    _, status = os.waitpid(pid, pt.WALL)
     if not os.WIFSTOPPED(status):
         raise LaunchError(f"{argv[0]}: could not start under ptrace", 126)
     pt.setoptions(pid)

@@ -76,7 +76,7 @@ REG_NAMES = (
     "rsp ss fs_base gs_base ds es fs gs"
 ).split()
 
-__WALL = 0x40000000
+WALL = 0x40000000
 
 
 class PtraceError(OSError):

@@ -46,7 +46,7 @@ def inject(thread, nr: int, *args: int, at: int | None = None) -> int:
     pt.resume(tid)
     trap_rip = regs.rip + 3
     while True:
-        _, status = os.waitpid(tid, pt.__WALL)
+        _, status = os.waitpid(tid, pt.WALL)
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             raise GuestGone(tid, status)
         sig = os.WSTOPSIG(status)

@@ -1,4 +1,4 @@
-"""The event loop: one `waitpid(-1, __WALL)` over every task of the guest, and the
+"""The event loop: one `waitpid(-1, WALL)` over every task of the guest, and the
 dispatch of each stop to what it means.
 
 Stops and their meaning:
@@ -119,7 +119,7 @@ class Session:
     def loop(self) -> None:
         while self.threads:
             try:
-                tid, status = os.waitpid(-1, pt.__WALL)
+                tid, status = os.waitpid(-1, pt.WALL)
             except ChildProcessError:
                 break
             self.stats.stops += 1
@@ -295,7 +295,7 @@ class Session:
         try:
             pt.resume(thread.tid, 0, pt.PTRACE_SINGLESTEP)
             while True:
-                _, status = os.waitpid(thread.tid, pt.__WALL)
+                _, status = os.waitpid(thread.tid, pt.WALL)
                 if not os.WIFSTOPPED(status):
                     raise remote.GuestGone(thread.tid, status)
                 sig, event = os.WSTOPSIG(status), status >> 16

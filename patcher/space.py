@@ -20,7 +20,7 @@ from meta.module import ModuleMap, parse_maps
 from meta.pagemap import PAGE, PageMap, page_of
 from meta.site import Site, SiteTable
 from scanner.decode import decode_from
-from scanner.page import scan_page
+from scanner.region import scan_page
 
 INT3 = b"\xcc"
 MAX_INSN = 15

@@ -1,0 +1,53 @@
+"""Shared fixtures: the sample guests, and running a command natively or under sbe.
+
+Every guest run goes through `run_cmd`, which has a timeout and kills the whole process
+group on expiry, so a hang fails fast and no traced guest outlives its test.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS = ROOT / "build" / "guests"
+
+
+@dataclass
+class Result:
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+
+def run_cmd(argv, *, timeout=60, cwd=None, stdin=None, env=None) -> Result:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            cwd=cwd, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    status = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    return Result(status, out, err)
+
+
+def sbe_argv(*args) -> list[str]:
+    return [sys.executable, "-m", "monitor", *args]
+
+
+def run_sbe(argv, *, mode="emulate", extra=(), **kw) -> Result:
+    return run_cmd(sbe_argv("run", "--mode", mode, *extra, "--", *argv), **kw)
+
+
+@pytest.fixture(scope="session")
+def guests() -> Path:
+    subprocess.run(["make", "-s", "-C", str(ROOT / "guests"), f"OUT={GUESTS}"], check=True)
+    return GUESTS
