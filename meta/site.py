@@ -54,26 +54,44 @@ class Site:
 
 
 class SiteTable:
-    """All sites of one address space, by guest address.
+    """All sites of one address space, by guest address, with a per-page index so
+    range queries (original bytes of a page, invalidation) cost what the range
+    holds, not what the table holds.
 
     Shared by the threads of the address space; copied for a forked child, whose
     memory is a copy too.
     """
 
+    PAGE = 4096
+
     def __init__(self) -> None:
         self._by_address: dict[int, Site] = {}
+        self._by_page: dict[int, set[int]] = {}
 
     def add(self, site: Site) -> None:
         self._by_address[site.address] = site
+        self._by_page.setdefault(site.address & ~(self.PAGE - 1), set()).add(site.address)
 
     def get(self, address: int) -> Site | None:
         return self._by_address.get(address)
 
     def remove(self, address: int) -> Site | None:
-        return self._by_address.pop(address, None)
+        site = self._by_address.pop(address, None)
+        if site is not None:
+            page = address & ~(self.PAGE - 1)
+            bucket = self._by_page[page]
+            bucket.discard(address)
+            if not bucket:
+                del self._by_page[page]
+        return site
 
     def in_range(self, start: int, end: int) -> list[Site]:
-        return [s for a, s in self._by_address.items() if start <= a < end]
+        found = []
+        for page in range(start & ~(self.PAGE - 1), end, self.PAGE):
+            for address in self._by_page.get(page, ()):
+                if start <= address < end:
+                    found.append(self._by_address[address])
+        return sorted(found, key=lambda s: s.address)
 
     def __iter__(self):
         return iter(sorted(self._by_address.values(), key=lambda s: s.address))

@@ -436,6 +436,9 @@ class Session:
         if state is None or not state.scanned:
             self.violations.append(f"{ran:#x}: ran from an unscanned page")
             return
+        if ran not in state.starts:
+            self.violations.append(f"{ran:#x}: ran at an offset no scan decoded")
+            return
         insn = next(decode_from(space.original(ran, 16), ran, ran), None)
         if insn is not None and classify(insn.mnemonic, insn.op_str):
             self.violations.append(f"{ran:#x}: sensitive `{insn.mnemonic} {insn.op_str}` ran natively")

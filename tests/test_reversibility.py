@@ -1,0 +1,59 @@
+"""Reversibility: a guest stopped midway and restored has code byte-identical to its
+image (the ELF files it maps, and the kernel's vDSO)."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from meta.module import parse_maps
+from meta.pagemap import PAGE
+from monitor.session import Session
+
+
+def own_vdso() -> bytes:
+    with open("/proc/self/maps") as f:
+        vdso = next(m for m in parse_maps(f.read()) if m.path == "[vdso]")
+    with open("/proc/self/mem", "rb") as f:
+        f.seek(vdso.start)
+        return f.read(vdso.end - vdso.start)
+
+
+@pytest.mark.timeout(60)
+def test_restore_all_gives_back_the_image(guests):
+    path = str(guests / "libc_dynamic")
+    checked = {}
+
+    def hook(session, thread):
+        if sum(session.stats.traps.values()) < 200:
+            return True
+        space = thread.space
+        assert len(space.sites) > 100
+        patched = sum(1 for s in space.sites if space.mem.read(s.address, 1) == b"\xcc")
+        assert patched == len(space.sites)
+        space.restore_all()
+        with open(f"/proc/{thread.tid}/maps") as f:
+            maps = parse_maps(f.read())
+        for m in maps:
+            tracked = [p for p in range(m.start, m.end, PAGE) if p in space.pages.pages]
+            if not tracked:
+                continue
+            if m.path == "[vdso]":
+                assert space.mem.read(m.start, m.end - m.start) == own_vdso()
+                checked["[vdso]"] = m.end - m.start
+                continue
+            with open(m.path, "rb") as f:
+                f.seek(m.offset)
+                image = f.read(m.end - m.start)
+            live = space.mem.read(m.start, len(image))
+            assert live == image, f"{m.path} at {m.start:#x} differs after restore"
+            checked[m.path] = len(image)
+        os.kill(thread.tid, signal.SIGKILL)
+        return False
+
+    session = Session([path], path, trap_hook=hook)
+    session.run()
+    assert any(p.endswith("libc.so.6") for p in checked)
+    assert any(p.endswith("libc_dynamic") for p in checked)
+    assert "[vdso]" in checked
