@@ -18,10 +18,11 @@ def verified(path, *args):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name,min_steps", [("rawsys", 30), ("libc_static", 10000)])
-def test_every_executed_instruction_was_scanned(guests, name, min_steps, capfd):
+@pytest.mark.parametrize("name,min_steps,expected", [("rawsys", 30, 0), ("exit3", 50000, 3)])
+def test_every_executed_instruction_was_scanned(guests, name, min_steps, expected, capfd):
+    """exit3 is dynamic: this covers ld.so and libc start-up and exit."""
     session, status = verified(guests / name)
-    assert status == 0
+    assert status == expected
     assert session.stepped > min_steps     # it really single-stepped the guest
     assert session.violations == []
     assert sum(session.stats.escapes.values()) == 0
@@ -34,8 +35,8 @@ def test_verifier_catches_a_hidden_syscall(guests, capfd):
     immediate; the verifier must see it run natively (so it can fail)."""
     session, status = verified(guests / "escape")
     assert status == 0
-    assert len(session.violations) == 1
-    assert "syscall" in session.violations[0]
+    # The hidden `syscall` at movabs+2 and the `ret` after it ran undecoded.
+    assert [v.split(":")[0] for v in session.violations] == ["0x401002", "0x401004"]
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,40 @@
+"""Linear x86-64 decoding of guest bytes, as plain text instructions.
+
+`disasm_lite` with detail off is the fastest way through capstone: it skips building
+operand and group detail, which the scanner does not need, and a single call decodes
+a whole buffer in C, so the per-instruction cost is one tuple, not one foreign call.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+_CS = Cs(CS_ARCH_X86, CS_MODE_64)
+
+
+@dataclass(frozen=True, slots=True)
+class Insn:
+    address: int
+    size: int
+    mnemonic: str
+    op_str: str
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
+def decode_from(code: bytes, base: int, start: int) -> Iterator[Insn]:
+    """Instructions from `start` on, `code[0]` being at `base`.
+
+    Stops where the bytes run out or at the first byte sequence that is no
+    instruction: past that point the alignment is unknown, so nothing later can be
+    trusted to be a real instruction start.
+    """
+    offset = start - base
+    if not 0 <= offset < len(code):
+        return
+    for address, size, mnemonic, op_str in _CS.disasm_lite(code[offset:], start):
+        yield Insn(address, size, mnemonic, op_str)

@@ -1,0 +1,190 @@
+"""Finding the instruction starts and sites of one region of guest code.
+
+x86 code cannot be decoded reliably from an arbitrary byte: a wrong start yields
+plausible instructions that overlap the real ones, and a trap planted there would
+corrupt a real instruction. So the scan trusts control flow first (recursive
+descent from addresses known to be executed) and decodes the rest only where the
+alignment is known and the result looks like code (the sweep).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+
+from .decode import Insn, decode_from
+from .sensitive import classify, direct_target, is_terminator
+
+_LONGEST = 15   # bytes in the longest x86 instruction
+_WINDOW = 1024  # bytes handed to capstone at a time
+_SWEEP_ROUNDS = 4  # sweep, descend from what the sweep branches to, sweep what is left
+
+
+@dataclass
+class RegionScan:
+    starts: set[int] = field(default_factory=set)
+    sites: list[tuple[Insn, str]] = field(default_factory=list)
+    outside: set[int] = field(default_factory=set)
+    swept: int = 0
+
+
+class _Decoded:
+    """The instruction at each address of the region, decoded once per scan.
+
+    Decoding from one address goes on linearly past branches, so the descent and the
+    sweep mostly find later instructions already decoded; a new linear run is needed
+    only where control enters at an alignment not seen yet, and it stops as soon as
+    it falls into step with instructions decoded before.
+    """
+
+    def __init__(self, code: bytes, base: int) -> None:
+        self._code = code
+        self._base = base
+        self._limit = base + len(code)
+        self._at: dict[int, Insn | None] = {}
+
+    def at(self, address: int) -> Insn | None:
+        """The whole instruction starting at `address` (in the region), or None."""
+        if address not in self._at:
+            for insn in self._linear(address):
+                if insn.address in self._at:
+                    break
+                self._at[insn.address] = insn
+            self._at.setdefault(address, None)
+        return self._at[address]
+
+    def cut_off(self, address: int) -> bool:
+        """Whether capstone failing at `address` may just be for want of bytes."""
+        return address + _LONGEST > self._limit
+
+    def _linear(self, address: int) -> Iterator[Insn]:
+        # decode_from over windows rather than all remaining bytes: capstone decodes a
+        # whole buffer before yielding, and a run that falls into step early would pay
+        # for the rest of a large region. Instructions starting in a window's last 15
+        # bytes are left to the next window, which sees all of their bytes.
+        while True:
+            stop = min(address + _WINDOW, self._limit)
+            trusted = stop if stop == self._limit else stop - _LONGEST
+            window = self._code[address - self._base:stop - self._base]
+            for insn in decode_from(window, address, address):
+                if insn.address >= trusted:
+                    break
+                yield insn
+                address = insn.end
+            if address < trusted or stop == self._limit:
+                return
+
+
+def _descend(decoded: _Decoded, base: int, end: int, entries: set[int],
+             known: AbstractSet[int]) -> tuple[dict[int, Insn], set[int]]:
+    """The instructions control flow reaches from `entries`, and where it leaves."""
+    found: dict[int, Insn] = {}
+    outside: set[int] = set()
+    pending = sorted(entries, reverse=True)  # lowest first: one linear run covers most
+    while pending:
+        address = pending.pop()
+        while address not in found and address not in known:
+            if not base <= address < end:
+                outside.add(address)
+                break
+            insn = decoded.at(address)
+            if insn is None:
+                break
+            found[address] = insn
+            target = direct_target(insn.mnemonic, insn.op_str)
+            if target is not None:
+                pending.append(target)
+            if is_terminator(insn.mnemonic, insn.op_str):
+                break
+            address = insn.end
+    return found, outside
+
+
+def _gaps(claimed: Iterable[Insn], base: int, end: int) -> Iterator[tuple[int, int]]:
+    """The maximal stretches of [base, end) that no claimed instruction covers."""
+    edge = base
+    for insn in sorted(claimed, key=lambda i: i.address):
+        if insn.address > edge:
+            yield edge, insn.address
+        edge = max(edge, insn.end)
+    if edge < end:
+        yield edge, end
+
+
+def _sweep_gap(decoded: _Decoded, start: int, stop: int, end: int) -> list[Insn]:
+    """The gap decoded linearly, or nothing if the result does not look like code.
+
+    An undecodable byte means data; an instruction running past `stop` into one
+    the descent found means a wrong alignment. Either way every instruction of the
+    gap is suspect, not just the last.
+    """
+    run: list[Insn] = []
+    address = start
+    while address < stop:
+        insn = decoded.at(address)
+        if insn is None:
+            cut_off_at_region_end = stop == end and decoded.cut_off(address)
+            return run if cut_off_at_region_end else []
+        run.append(insn)
+        address = insn.end
+    return run if address == stop or stop == end else []
+
+
+def scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
+                known: AbstractSet[int] = frozenset(), sweep: bool = True) -> RegionScan:
+    """Scan [base, end); `code` is its bytes plus up to 15 more, `code[0]` at `base`.
+
+    `known` holds instruction starts an earlier scan of the region reported; they
+    and what follows them are not reported again. Sweeping fills the gaps the
+    descent left, where code reached only by indirect branches lives. A gap is swept
+    only from the end of an instruction already decoded, so never at `base` (were
+    `base` an entry or known start, it would not be in a gap): sweeping from a
+    guessed alignment would plant traps inside real instructions.
+    Swept code is taken for code (it was decoded from a known alignment, without
+    undecodable bytes, and falls into step with the descent), so its direct branch
+    targets are entries like the descent's, in this region (descended, then swept
+    again) and in others (`outside`): otherwise a call from swept code would land at
+    an offset no scan has decoded, and run unscanned.
+    """
+    entries = {e for e in entries if base <= e < end}
+    decoded = _Decoded(code, base)
+    found, outside = _descend(decoded, base, end, entries, known)
+    scan = RegionScan(starts=set(found), outside=outside)
+    reached = list(found.values())
+    if sweep:
+        earlier = [insn for insn in (decoded.at(k) for k in known if base <= k < end) if insn is not None]
+        for _ in range(_SWEEP_ROUNDS):
+            swept = []
+            for start, stop in _gaps(reached + earlier, base, end):
+                if start == base:  # nothing decoded ends there: its alignment would be a guess
+                    continue
+                run = _sweep_gap(decoded, start, stop, end)
+                if run and run[-1].end >= end and not is_terminator(run[-1].mnemonic, run[-1].op_str):
+                    scan.outside.add(run[-1].end)   # falls through into the next region
+                swept += run
+            scan.swept += len(swept)
+            scan.starts.update(insn.address for insn in swept)
+            reached += swept
+            # A target inside a decoded instruction would be decoded out of step
+            # with it; only clean entries are followed.
+            covered = {b for insn in reached + earlier for b in range(insn.address + 1, insn.end)}
+            targets = {t for t in (direct_target(i.mnemonic, i.op_str) for i in swept)
+                       if t is not None and t not in covered}
+            more, out = _descend(decoded, base, end, targets, known | scan.starts)
+            scan.outside |= out
+            if not more:
+                break
+            scan.starts.update(more)
+            reached += more.values()
+    for insn in reached:
+        kind = classify(insn.mnemonic, insn.op_str)
+        if kind is not None:
+            scan.sites.append((insn, kind))
+    scan.sites.sort(key=lambda site: site[0].address)
+    return scan
+
+
+def scan_page(code: bytes, page: int, entries: Iterable[int], known: AbstractSet[int] = frozenset(),
+              sweep: bool = True, page_size: int = 4096) -> RegionScan:
+    """scan_region over the page at `page`: the unit the monitor scans before it runs."""
+    return scan_region(code, page, page + page_size, entries, known, sweep)
