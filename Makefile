@@ -26,5 +26,9 @@ demo: setup guests
 test: setup guests
 	$(PY) -m pytest -q
 
+# Not part of `make test`: a full run takes long (emulate mode on trap-heavy workloads).
+bench: setup guests
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf build $(VENV)

@@ -26,9 +26,11 @@ class PageState:
     scanned: bool = False
     starts: set = field(default_factory=set)   # instruction starts found so far
     entries: set = field(default_factory=set)  # entries learned before the page was scanned
+    roots: set = field(default_factory=set)    # every entry a scan started from: control
+                                               # arrives there, so no window may cover one
 
     def copy(self) -> "PageState":
-        return PageState(self.prot, self.scanned, set(self.starts), set(self.entries))
+        return PageState(self.prot, self.scanned, set(self.starts), set(self.entries), set(self.roots))
 
 
 class PageMap:

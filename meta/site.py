@@ -25,6 +25,14 @@ class Site:
     module: str = ""
     offset: int = 0
     hits: int = 0
+    # jmp5 only: the window [window_start, window_end) the transfer overwrites, its
+    # original bytes, and the stub it jumps to.
+    window_start: int = 0
+    window_end: int = 0
+    window_bytes: bytes = b""
+    stub: int = 0
+    trap: int = 0       # the stub's int3 ("emulate the site here"), if it has one
+    resume: int = 0     # where the stub goes on after that trap (0: the handler decides)
     # Per-kind data a handler derives once (e.g. a branch's decoded operand) and
     # keeps, so a trap does not decode the instruction again.
     cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -50,7 +58,17 @@ class Site:
             "strategy": self.strategy,
             "reason": self.reason,
             "hits": self.hits,
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "stub": self.stub,
         }
+
+    @property
+    def patched_span(self) -> tuple[int, bytes]:
+        """Where the patch lies and the original bytes under it."""
+        if self.strategy == "jmp5":
+            return self.window_start, self.window_bytes
+        return self.address, self.original[:1]
 
 
 class SiteTable:

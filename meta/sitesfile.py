@@ -38,6 +38,9 @@ FIELDS = {
     "strategy": str,
     "reason": str,
     "hits": int,
+    "window_start": int,
+    "window_end": int,
+    "stub": int,
 }
 
 # What bytes.hex() writes: at least one byte, no separators (fromhex would allow spaces).

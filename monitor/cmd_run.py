@@ -19,8 +19,17 @@ log = logging.getLogger("sbe")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["emulate"], default="emulate",
-                   help="emulate: every site is an int3 the monitor emulates (default)")
+    p.add_argument("--mode", choices=["patch", "emulate"], default="patch",
+                   help="patch: sites jump to stubs in the guest (default); emulate: every "
+                   "site is an int3 the monitor emulates. SIGUSR1 to sbe switches a running "
+                   "guest to the other mode")
+    p.add_argument("--emulate-kinds", metavar="KIND[,KIND]", default="",
+                   help="in patch mode, leave these site kinds as traps (e.g. branch,cpuid)")
+    p.add_argument("--emulate-sites", metavar="MODULE+OFFSET[,...]", default="",
+                   help="in patch mode, leave these sites as traps (module basename or path, "
+                   "offset in hex, as `sbe sites` prints them)")
+    p.add_argument("--cache-size", metavar="BYTES", type=_size, default=1 << 20,
+                   help="size of each side cache (default 1M; K and M suffixes)")
     p.add_argument("--sites-out", metavar="FILE",
                    help="save the site table (every process's sites, with hits) as JSON, for `sbe sites`")
     p.add_argument("--stats", action="store_true",
@@ -31,6 +40,36 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", metavar="FILE", help="write sbe's log to FILE instead of stderr")
     p.add_argument("program", metavar="PROGRAM", help="the program to run (looked up in PATH like a shell)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20}
+    try:
+        value = int(text[:-1]) * units[text[-1].lower()] if text[-1:].lower() in units else int(text, 0)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if not 4096 <= value <= 1 << 30:
+        raise argparse.ArgumentTypeError("the cache size must be between 4K and 1G")
+    return (value + 4095) & ~4095
+
+
+def policy_from(args) -> "PatchPolicy":
+    from meta.site import KINDS
+    from patcher.space import PatchPolicy
+    kinds = [k for k in args.emulate_kinds.split(",") if k]
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"--emulate-kinds: unknown kind {k!r} (kinds: {', '.join(KINDS)})")
+    sites = []
+    for item in filter(None, args.emulate_sites.split(",")):
+        module, plus, offset = item.rpartition("+")
+        try:
+            sites.append((module, int(offset, 16)))
+        except ValueError:
+            plus = ""
+        if not plus or not module:
+            raise ValueError(f"--emulate-sites: {item!r} is not MODULE+OFFSET")
+    return PatchPolicy(kinds, sites, args.cache_size)
 
 
 def setup_logging(verbose: int, path: str | None) -> None:
@@ -66,6 +105,10 @@ def forward_signals(session) -> None:
             pass
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
+
+    def switch(_signum, _frame):
+        session.request_switch()
+    signal.signal(signal.SIGUSR1, switch)
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -85,7 +128,12 @@ def run(args) -> int:
     if args.sites_out and os.path.isdir(args.sites_out):
         print(f"sbe: --sites-out {args.sites_out}: Is a directory", file=sys.stderr)
         return 2
-    session = Session(argv, path, mode=args.mode)
+    try:
+        policy = policy_from(args)
+    except ValueError as e:
+        print(f"sbe: {e}", file=sys.stderr)
+        return 2
+    session = Session(argv, path, mode=args.mode, policy=policy)
     try:
         session.start()
     except LaunchError as e:

@@ -76,11 +76,15 @@ def _table(rows: list[dict]) -> str:
     # have no reason; columns that would say nothing are left out.
     with_pid = len({r["pid"] for r in rows}) > 1
     with_reason = any(r["reason"] for r in rows)
+    with_stub = any(r["strategy"] == "jmp5" for r in rows)
     headers = ["address", "module+offset", "kind", "instruction", "bytes", "strategy", "hits"]
     align = "><<<<<>"
     if with_pid:
         headers.insert(0, "pid")
         align = ">" + align
+    if with_stub:
+        headers += ["window", "stub"]
+        align += "<<"
     if with_reason:
         headers.append("reason")
         align += "<"
@@ -90,6 +94,10 @@ def _table(rows: list[dict]) -> str:
                  bytes.fromhex(r["bytes"]).hex(" "), r["strategy"], r["hits"]]
         if with_pid:
             cells.insert(0, r["pid"])
+        if with_stub:
+            jmp5 = r["strategy"] == "jmp5"
+            cells += [f"{r['window_start']:#x}-{r['window_end']:#x}" if jmp5 else "",
+                      f"{r['stub']:#x}" if jmp5 else ""]
         if with_reason:
             cells.append(r["reason"])
         table.append(cells)

@@ -37,6 +37,7 @@ def prot_of(perms: str) -> int:
 def setup_image(session, thread) -> None:
     space = thread.space
     mem = space.mem
+    space.syscall = session.remote_syscall(thread)
     result = remote.bootstrap(thread, mem, SYS_mmap, gadget.GADGET_BASE, gadget.GADGET_SIZE,
                               PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                               -1, 0)

@@ -36,23 +36,26 @@ MUST_SEE = {
 def program() -> list[tuple[int, int, int, int]]:
     """The BPF program as (code, jt, jf, k) tuples; seccomp_data is
     {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}."""
-    ret = gadget.SYSCALL_RET
+    emulate_ret, patch_ret = gadget.SYSCALL_RET, gadget.PATCH_RET
+    assert emulate_ret >> 32 == patch_ret >> 32
     numbers = sorted(MUST_SEE.values())
     n = len(numbers)
-    # Layout: 0 ld arch, 1 jeq, 2 ld ip.lo, 3 jeq, 4 ld ip.hi, 5 jeq, 6 ld nr,
-    # 7..7+n-1 jeq nr, 7+n ALLOW, 8+n TRACE. Jump offsets count from the next insn.
-    trace_at = 8 + n
+    # Layout: 0 ld arch, 1 jeq, 2 ld ip.lo, 3 jeq emulate gadget, 4 jeq patch gadget,
+    # 5 ld ip.hi, 6 jeq, 7 ld nr, 8..8+n-1 jeq nr, 8+n ALLOW, 9+n TRACE.
+    # Jump offsets count from the next instruction.
+    trace_at = 9 + n
     prog = [
         (BPF_LD_W_ABS, 0, 0, 4),
         (BPF_JEQ_K, 0, trace_at - 2, AUDIT_ARCH_X86_64),
         (BPF_LD_W_ABS, 0, 0, 8),
-        (BPF_JEQ_K, 0, trace_at - 4, ret & 0xFFFFFFFF),
+        (BPF_JEQ_K, 1, 0, emulate_ret & 0xFFFFFFFF),
+        (BPF_JEQ_K, 0, trace_at - 5, patch_ret & 0xFFFFFFFF),
         (BPF_LD_W_ABS, 0, 0, 12),
-        (BPF_JEQ_K, 0, trace_at - 6, ret >> 32),
+        (BPF_JEQ_K, 0, trace_at - 7, emulate_ret >> 32),
         (BPF_LD_W_ABS, 0, 0, 0),
     ]
     for i, nr in enumerate(numbers):
-        here = 7 + i
+        here = 8 + i
         prog.append((BPF_JEQ_K, trace_at - here - 1, 0, nr))
     prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))

@@ -28,7 +28,7 @@ from monitor.memory import GuestMemory
 from monitor.stats import Stats
 from monitor.syscall_hooks import HOOKS
 from patcher import gadget
-from patcher.space import AddressSpace
+from patcher.space import AddressSpace, PatchPolicy
 from scanner.decode import decode_from
 from scanner.sensitive import classify
 
@@ -52,26 +52,30 @@ def syscall_name(nr: int) -> str:
 
 
 class Thread:
-    __slots__ = ("tid", "space", "gadget_site", "post", "pending_signals", "fresh",
-                 "last_rip", "stepping")
+    __slots__ = ("tid", "space", "gadget", "post", "pending_signals", "fresh", "last_rip")
 
     def __init__(self, tid: int, space: AddressSpace | None) -> None:
         self.tid = tid
         self.space = space
-        self.gadget_site = None      # the site whose syscall this thread runs in the gadget
+        # While this thread runs a site's syscall in the gadget: (site, restart, resume):
+        # where to put it back to run the syscall again, and where to go on after it.
+        self.gadget = None
         self.post = None             # hook to run at the syscall-exit stop
         self.pending_signals: list[int] = []
         self.fresh = True            # its first stop (SIGSTOP of a new task) is ours
         self.last_rip = None         # verify mode: the instruction about to run
-        self.stepping = None
 
 
 class Session:
-    def __init__(self, argv: list[str], path: str, *, mode: str = "emulate",
-                 verify: bool = False, trap_hook=None) -> None:
+    def __init__(self, argv: list[str], path: str, *, mode: str = "patch",
+                 verify: bool = False, trap_hook=None, policy: PatchPolicy | None = None) -> None:
         self.argv = argv
         self.path = path
         self.mode = mode
+        self.policy = policy or PatchPolicy()
+        self.switch_requested = False
+        self.switches: list[str] = []
+        self.kicks = 0                            # SIGSTOPs sent to get a guest task to stop
         self.verify = verify
         self.trap_hook = trap_hook
         self.threads: dict[int, Thread] = {}
@@ -113,7 +117,12 @@ class Session:
             for space in self.spaces:
                 self.stats.pages_scanned += space.pages_scanned
                 self.stats.scan_seconds += space.scan_seconds
+                self.stats.stub_seconds += space.stub_seconds
                 self.stats.swept += space.swept
+                self.stats.fallbacks.update(space.fallbacks)
+                self.stats.flushes += space.flushes
+                self.stats.false_sites += space.false_sites
+            self.stats.switches = list(self.switches)
         return self.exit_status if self.exit_status is not None else 1
 
     def loop(self) -> None:
@@ -170,6 +179,13 @@ class Session:
         elif sig == signal.SIGSTOP and thread.fresh:
             thread.fresh = False
             self.cont(thread)
+        elif sig == signal.SIGSTOP and self.kicks:
+            # The stop a mode switch asked for: at an instruction boundary, not at
+            # a trap the old plant caused.
+            self.kicks -= 1
+            if self.switch_requested:
+                self.switch_modes(thread)
+            self.cont(thread)
         elif sig == signal.SIGSEGV and thread.space is not None:
             self.on_sigsegv(thread)
         else:
@@ -192,11 +208,11 @@ class Session:
         overwritten by its result)."""
         if thread.space is not None:
             thread.space.users.discard(thread.tid)
-        space = AddressSpace(GuestMemory(thread.tid), thread.tid)
+        space = AddressSpace(GuestMemory(thread.tid), thread.tid, self.mode, self.policy, self.cpu)
         space.users.add(thread.tid)
         self.spaces.append(space)
         thread.space = space
-        thread.gadget_site = None
+        thread.gadget = None
         thread.last_rip = None
 
         def post(_regs):
@@ -221,7 +237,7 @@ class Session:
             self.spaces.append(space)
         space.users.add(child_tid)
         child = Thread(child_tid, space)
-        child.gadget_site = parent.gadget_site
+        child.gadget = parent.gadget
         self.threads[child_tid] = child
         if flags & CLONE_THREAD:
             self.stats.threads += 1
@@ -243,12 +259,17 @@ class Session:
                 self.verify_step(thread, rip)
                 self.cont(thread)
                 return
-        site = space.sites.get(rip - 1) if space is not None else None
+        site = None
+        if space is not None:
+            site = space.sites.get(rip - 1)
+            if site is not None and site.strategy != "int3":
+                site = None
+            site = site or space.stub_traps.get(rip - 1)
         if site is not None:
             self.on_site(thread, site, regs)
-        elif rip in (gadget.SYSCALL_TRAP, gadget.INT80_TRAP) and thread.gadget_site is not None:
-            site, thread.gadget_site = thread.gadget_site, None
-            regs.rip = site.end
+        elif rip in (gadget.SYSCALL_TRAP, gadget.INT80_TRAP) and thread.gadget is not None:
+            (site, _, resume), thread.gadget = thread.gadget, None
+            regs.rip = resume
             if rip == gadget.SYSCALL_TRAP:
                 regs.rcx = site.end    # what the site's own syscall would have left
             pt.setregs(thread.tid, regs)
@@ -258,23 +279,36 @@ class Session:
             self.deliver(thread, signal.SIGTRAP)
 
     def on_site(self, thread: Thread, site, regs) -> None:
+        """A trap at a site's int3, or at its stub's int3 (site.trap): the guest's
+        registers are as at the site; emulate it and go on after it (site.end, or
+        the stub's continuation)."""
         t0 = time.perf_counter()
         space = thread.space
+        in_stub = regs.rip - 1 == site.trap
         site.hits += 1
         self.stats.traps[site.kind] += 1
         regs.rip = site.address
         effect = emulate(site, pt.Regs(regs), space.mem.read, self.cpu)
         thread.last_rip = None
         if effect.action == RESUME:
+            leaf, subleaf = regs.rax & 0xFFFFFFFF, regs.rcx & 0xFFFFFFFF
             for name, value in effect.regs.items():
                 setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
             for address, data in effect.writes:
                 space.mem.write(address, data)
+            if site.kind == "branch":
+                self.branch_target(thread, space, regs.rip)
+            elif in_stub:
+                regs.rip = site.resume
+                if site.kind == "cpuid":
+                    space.cpuid_learned(site, leaf, subleaf,
+                                        tuple(effect.regs[r] for r in ("rax", "rbx", "rcx", "rdx")))
             pt.setregs(thread.tid, regs)
-            if site.kind == "branch" and not space.knows(regs.rip):
-                self.plant_count(space.scan(regs.rip))
         elif effect.action in (SYSCALL, SYSCALL32):
-            thread.gadget_site = site
+            if in_stub:
+                thread.gadget = (site, site.trap, site.resume)
+            else:
+                thread.gadget = (site, site.address, site.end)
             regs.rip = gadget.SYSCALL if effect.action == SYSCALL else gadget.INT80
             pt.setregs(thread.tid, regs)
         elif effect.action == STEP:
@@ -286,6 +320,67 @@ class Session:
         if self.trap_hook is not None and self.trap_hook(self, thread) is False:
             return
         self.cont(thread)
+
+    def branch_target(self, thread: Thread, space: AddressSpace, target: int) -> None:
+        """An emulated branch is about to land on `target`: make sure the scanner has
+        seen it, and let the guest's branch stubs go there without a trap from now on."""
+        space.syscall = self.remote_syscall(thread)
+        if not space.knows(target):
+            self.plant_count(space.scan(target, avoid=self.thread_rips(space),
+                                        exclusive=len(space.users) == 1))
+        if space.pages.get(target) is not None:
+            space.insert_branch_target(target)
+
+    def remote_syscall(self, thread: Thread):
+        def call(nr, *args):
+            self.stats.remote_syscalls += 1
+            return remote.inject(thread, nr, *args)
+        return call
+
+    def thread_rips(self, space: AddressSpace) -> frozenset:
+        """Where the threads of `space` stand (or will restart a syscall): no new
+        window may hold these strictly inside."""
+        rips = set()
+        for t in self.threads.values():
+            if t.space is space:
+                if t.gadget is not None:
+                    rips.update(t.gadget[1:])   # where it restarts, where it goes on
+                try:
+                    rip = pt.getregs(t.tid).rip
+                except pt.PtraceError:
+                    continue   # running: it is not inside a page being planted
+                rips.update((rip, rip - 2))
+        return frozenset(rips)
+
+    def request_switch(self) -> None:
+        """Ask for a mode switch (from a signal handler): it happens at the guest's
+        next stop, which a SIGSTOP (swallowed by the monitor) brings about at once."""
+        self.switch_requested = True
+        for tid in list(self.threads):
+            if self.threads[tid].space is not None:
+                try:
+                    os.kill(tid, signal.SIGSTOP)
+                    self.kicks += 1
+                except OSError:
+                    continue
+                break
+
+    def switch_modes(self, thread: Thread) -> None:
+        """Re-plant every site of this thread's address space in the other mode.
+        Needs every thread of the space stopped: with one thread it is, at its stop."""
+        space = thread.space
+        if space is None or len(space.users) != 1:
+            log.warning("mode switch skipped: it needs every thread stopped, and this "
+                        "address space has %d", len(space.users) if space else 0)
+            self.switch_requested = False
+            return
+        self.switch_requested = False
+        new = "emulate" if self.mode == "patch" else "patch"
+        self.mode = new
+        space.syscall = self.remote_syscall(thread)
+        count = space.replant(new, self.thread_rips(space))
+        self.switches.append(new)
+        log.info("switched to %s mode: %d sites re-planted", new, count)
 
     def step_original(self, thread: Thread, site) -> None:
         """Run a site's original instruction natively once: for what the monitor
@@ -322,11 +417,13 @@ class Session:
         if state is not None and fetch and not state.scanned:
             t0 = time.perf_counter()
             entry = regs.rip
+            space.syscall = self.remote_syscall(thread)
             if page_of(regs.rip) != page_of(addr):
                 # An instruction straddling into this page: its end is the entry here.
                 insn = next(decode_from(space.original(regs.rip, 16), regs.rip, regs.rip), None)
                 entry = regs.rip + insn.size if insn else page_of(addr)
-            self.plant_count(space.scan(entry))
+            self.plant_count(space.scan(entry, avoid=self.thread_rips(space),
+                                        exclusive=len(space.users) == 1))
             self.grant(thread, page_of(addr), state.prot)
             self.stats.faults += 1
             self.stats.fault_seconds += time.perf_counter() - t0
@@ -364,7 +461,7 @@ class Session:
         if state is None:
             return
         if state.scanned:
-            if address not in state.starts:
+            if not space.knows(address):
                 self.plant_count(space.scan(address))
         else:
             state.entries.add(address)
@@ -377,7 +474,7 @@ class Session:
         self.stats.syscall_stops += 1
         regs = pt.getregs(thread.tid)
         nr, ip = regs.orig_rax, regs.rip
-        native64 = ip == gadget.SYSCALL_RET
+        native64 = ip in (gadget.SYSCALL_RET, gadget.PATCH_RET)
         if not gadget.contains(ip):
             native64 = self.on_escape(thread, nr, ip)
         hook = HOOKS.get(nr) if native64 else None
@@ -409,17 +506,17 @@ class Session:
         """Deliver a signal as natively: if the thread stands in the gadget, its
         state is first put back at the site it runs for (a handler must never see a
         gadget address, and a restarted syscall must restart at the site)."""
-        site = thread.gadget_site
-        if site is not None:
+        if thread.gadget is not None:
+            site, restart, resume = thread.gadget
             regs = pt.getregs(thread.tid)
             if regs.rip in (gadget.SYSCALL, gadget.INT80):
-                regs.rip = site.address
+                regs.rip = restart
             elif regs.rip in (gadget.SYSCALL_RET, gadget.INT80 + 2):
                 if regs.rip == gadget.SYSCALL_RET:
                     regs.rcx = site.end
-                regs.rip = site.end
+                regs.rip = resume
             pt.setregs(thread.tid, regs)
-            thread.gadget_site = None
+            thread.gadget = None
         thread.last_rip = None
         self.cont(thread, sig)
 
@@ -429,9 +526,9 @@ class Session:
         in a scanned page and was not a sensitive one."""
         self.stepped += 1
         ran, thread.last_rip = thread.last_rip, rip
-        if ran is None or gadget.contains(ran):
-            return
         space = thread.space
+        if ran is None or gadget.contains(ran) or space.in_cache(ran):
+            return
         state = space.pages.get(ran)
         if state is None or not state.scanned:
             self.violations.append(f"{ran:#x}: ran from an unscanned page")
@@ -439,6 +536,8 @@ class Session:
         if ran not in state.starts:
             self.violations.append(f"{ran:#x}: ran at an offset no scan decoded")
             return
+        if space.window_starting_at(ran) is not None:
+            return   # what ran there is the jump to the site's stub
         insn = next(decode_from(space.original(ran, 16), ran, ran), None)
         if insn is not None and classify(insn.mnemonic, insn.op_str):
             self.violations.append(f"{ran:#x}: sensitive `{insn.mnemonic} {insn.op_str}` ran natively")

@@ -28,6 +28,11 @@ class Stats:
     processes: int = 0
     threads: int = 0
     wall_seconds: float = 0.0
+    stub_seconds: float = 0.0
+    fallbacks: Counter = field(default_factory=Counter)   # why a site stayed int3 in patch mode
+    switches: list = field(default_factory=list)          # modes switched to, in order
+    flushes: int = 0
+    false_sites: int = 0      # sites later found to lie inside a real instruction, undone
 
     def as_dict(self) -> dict:
         traps = sum(self.traps.values())
@@ -50,6 +55,11 @@ class Stats:
             "processes": self.processes,
             "threads": self.threads,
             "wall_s": round(self.wall_seconds, 4),
+            "stub_ms": round(1e3 * self.stub_seconds, 2),
+            "fallbacks": dict(self.fallbacks),
+            "switches": list(self.switches),
+            "cache_flushes": self.flushes,
+            "false_sites": self.false_sites,
         }
 
     def render(self) -> str:
@@ -65,5 +75,11 @@ class Stats:
         lines.append(f"  pages scanned: {self.pages_scanned} in {d['scan_ms']} ms ({self.swept} insns by linear sweep)")
         lines.append(f"  monitor cost per site trap: {d['trap_us']} us; per fetch fault: {d['fault_us']} us")
         lines.append(f"  ptrace stops: {self.stops} (syscall stops {self.syscall_stops}, remote syscalls {self.remote_syscalls})")
+        if self.fallbacks:
+            lines.append("  int3 in patch mode: " + ", ".join(f"{v} {k}" for k, v in self.fallbacks.most_common()))
+        lines.append(f"  stub generation: {d['stub_ms']} ms; side cache flushes: {self.flushes}; "
+                     f"false sites undone: {self.false_sites}")
+        if self.switches:
+            lines.append("  mode switches: " + " -> ".join(self.switches))
         lines.append(f"  processes: {self.processes}, threads: {self.threads}, wall: {d['wall_s']} s")
         return "\n".join(lines)

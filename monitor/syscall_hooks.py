@@ -109,7 +109,7 @@ def rt_sigaction(session, thread, regs):
 
 def rt_sigreturn(session, thread, regs):
     # The frame restores every register: a gadget return pending for this thread is moot.
-    thread.gadget_site = None
+    thread.gadget = None
     return None
 
 

@@ -17,8 +17,11 @@ SYSCALL_RET = SYSCALL + 2        # the address seccomp reports for a gadget sysc
 SYSCALL_TRAP = SYSCALL + 3       # rip after the int3 that ends a gadget syscall
 INT80 = GADGET_BASE + 8          # int 0x80 ; int3
 INT80_TRAP = INT80 + 3
+PATCH = GADGET_BASE + 16         # syscall ; ret   (called by patch-mode stubs)
+PATCH_RET = PATCH + 2
 
-CODE = bytes.fromhex("0f05cc") + b"\xcc" * 5 + bytes.fromhex("cd80cc")
+CODE = (bytes.fromhex("0f05cc") + b"\xcc" * 5 + bytes.fromhex("cd80cc") + b"\xcc" * 5
+        + bytes.fromhex("0f05c3"))
 
 
 def contains(address: int) -> bool:

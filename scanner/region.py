@@ -53,6 +53,9 @@ class _Decoded:
             self._at.setdefault(address, None)
         return self._at[address]
 
+    def zero_at(self, address: int) -> bool:
+        return self._code[address - self._base:address - self._base + 2] == b"\0\0"
+
     def cut_off(self, address: int) -> bool:
         """Whether capstone failing at `address` may just be for want of bytes."""
         return address + _LONGEST > self._limit
@@ -76,8 +79,11 @@ class _Decoded:
 
 
 def _descend(decoded: _Decoded, base: int, end: int, entries: set[int],
-             known: AbstractSet[int]) -> tuple[dict[int, Insn], set[int]]:
-    """The instructions control flow reaches from `entries`, and where it leaves."""
+             known: AbstractSet[int], covered: AbstractSet[int] = frozenset()
+             ) -> tuple[dict[int, Insn], set[int]]:
+    """The instructions control flow reaches from `entries`, and where it leaves.
+    A path stops before an instruction that would overlap `covered` bytes (those of
+    instructions already decoded, other than their first)."""
     found: dict[int, Insn] = {}
     outside: set[int] = set()
     pending = sorted(entries, reverse=True)  # lowest first: one linear run covers most
@@ -89,6 +95,8 @@ def _descend(decoded: _Decoded, base: int, end: int, entries: set[int],
                 break
             insn = decoded.at(address)
             if insn is None:
+                break
+            if covered and not covered.isdisjoint(range(insn.address, insn.end)):
                 break
             found[address] = insn
             target = direct_target(insn.mnemonic, insn.op_str)
@@ -117,10 +125,19 @@ def _sweep_gap(decoded: _Decoded, start: int, stop: int, end: int) -> list[Insn]
     An undecodable byte means data; an instruction running past `stop` into one
     the descent found means a wrong alignment. Either way every instruction of the
     gap is suspect, not just the last.
+
+    Zero bytes end the sweep, keeping what came before: they are the linker's
+    padding between sections (or data), not code, and they decode as
+    `add byte ptr [rax], al` two at a time, so an odd run of them pairs its last zero
+    with the next real instruction's first byte and falls out of step with it. (A
+    false `in al, dx` found that way inside a `sub rsp, 8` turned it into
+    `or rsp, 8` once trapped.)
     """
     run: list[Insn] = []
     address = start
     while address < stop:
+        if decoded.zero_at(address):
+            return run
         insn = decoded.at(address)
         if insn is None:
             cut_off_at_region_end = stop == end and decoded.cut_off(address)
@@ -167,10 +184,13 @@ def scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
             reached += swept
             # A target inside a decoded instruction would be decoded out of step
             # with it; only clean entries are followed.
-            covered = {b for insn in reached + earlier for b in range(insn.address + 1, insn.end)}
+            interior = {b for insn in reached + earlier for b in range(insn.address + 1, insn.end)}
             targets = {t for t in (direct_target(i.mnemonic, i.op_str) for i in swept)
-                       if t is not None and t not in covered}
-            more, out = _descend(decoded, base, end, targets, known | scan.starts)
+                       if t is not None and t not in interior}
+            # Every byte of a decoded instruction: a new path may join them at a start,
+            # never overlap them.
+            occupied = interior | {i.address for i in reached + earlier}
+            more, out = _descend(decoded, base, end, targets, known | scan.starts, occupied)
             scan.outside |= out
             if not more:
                 break

@@ -26,7 +26,8 @@ SITES = [
     (100, Site(0x401008, 2, "syscall", "syscall", "", bytes.fromhex("0f05"),
                module="/usr/bin/prog", offset=0x1008, hits=40)),
     (100, Site(0x7F00_0002_9000, 2, "cpuid", "cpuid", "", bytes.fromhex("0fa2"), strategy="jmp5",
-               module="/usr/lib/x86_64-linux-gnu/libc.so.6", offset=0x29000, hits=3)),
+               module="/usr/lib/x86_64-linux-gnu/libc.so.6", offset=0x29000, hits=3,
+               window_start=0x7F00_0002_8FFD, window_end=0x7F00_0002_9002, stub=0x7F00_1000_0040)),
     (100, Site(0x7F00_0002_9100, 2, "rdtsc", "rdtsc", "", bytes.fromhex("0f31"),
                reason="window would cross a branch target",
                module="/usr/lib/x86_64-linux-gnu/libc.so.6", offset=0x29100, hits=500)),
@@ -74,7 +75,7 @@ def test_table(sites_file):
     lines = result.stdout.splitlines()
     assert lines[0] == "program: /usr/bin/prog --flag 'two words' (mode patch)"
     assert lines[1].split() == ["pid", "address", "module+offset", "kind", "instruction", "bytes",
-                                "strategy", "hits", "reason"]
+                                "strategy", "hits", "window", "stub", "reason"]
     body = lines[2:-1]
     assert len(body) == len(ROWS)
     expected_order = by_address(ROWS)
@@ -84,6 +85,8 @@ def test_table(sites_file):
     assert "libc.so.6+0x29100" in body[4]
     assert body[4].endswith("window would cross a branch target")
     assert "jmp qword ptr [rax]" in body[2] and "ff 20 00" in body[2]
+    jmp5 = next(line for line in body if "cpuid" in line)
+    assert "0x7f0000028ffd-0x7f0000029002" in jmp5 and "0x7f0010000040" in jmp5
     # Numbers are right-aligned: the hits column ends at the same place in every line.
     hits_end = lines[1].index("hits") + len("hits")
     assert [line[:hits_end].split()[-1] for line in body] == [str(r["hits"]) for r in expected_order]

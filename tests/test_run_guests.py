@@ -8,12 +8,14 @@ import pytest
 
 from conftest import run_cmd, run_sbe
 
-MODES = ["emulate"]
+MODES = ["emulate", "patch"]
 
 SAMPLE_GUESTS = [
     ("rawsys", []), ("cpuid", []), ("rdtsc", []), ("branches", []), ("compute", ["3"]),
     ("libc_static", []), ("libc_dynamic", []), ("exit3", []), ("segv", []),
-    ("escape", []), ("sigsegv_handler", []),
+    ("escape", []), ("sigsegv_handler", []), ("threads", ["2000"]), ("forkwait", []),
+    ("vforkexec", []), ("alarm", []), ("altstack", []), ("restart", []), ("rtsig", []),
+    ("cancel", []), ("sigcontext", []),
 ]
 
 
@@ -25,7 +27,11 @@ def assert_same(native, virt):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name,args", SAMPLE_GUESTS, ids=[g[0] for g in SAMPLE_GUESTS])
-def test_sample_guest(guests, name, args, mode):
+def test_sample_guest(guests, name, args, mode, request):
+    if (name, mode) == ("sigcontext", "patch"):
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="known gap: a signal taken inside a stub or the patch gadget "
+            "shows the handler a side-cache address (signal-frame translation not done)"))
     argv = [str(guests / name), *args]
     assert_same(run_cmd(argv), run_sbe(argv, mode=mode))
 

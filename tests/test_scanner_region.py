@@ -328,3 +328,13 @@ def test_rescan_with_everything_known_reports_nothing(region):
     first = scan(code, entries, end=end)
     again = scan(code, entries, end=end, known=first.starts)
     assert (again.starts, again.sites, again.outside, again.swept) == (set(), [], set(), 0)
+
+
+def test_sweep_stops_at_zero_padding():
+    """Zero padding between sections decodes two bytes at a time; an odd run of it
+    falls out of step with the code after it. Here the sweep would otherwise decode
+    `in al, dx` out of the `sub rsp, 8` that follows three zero bytes."""
+    code = RET + CPUID + bytes(3) + bytes.fromhex("4883ec08") + bytes.fromhex("4883c408") + RET
+    result = scan(code, [BASE])
+    assert site_map(result) == {BASE + 1: "cpuid"}
+    assert result.starts == {BASE, BASE + 1}

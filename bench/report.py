@@ -1,0 +1,164 @@
+"""Render bench results (the dict also saved as results.json) as markdown, and judge
+the acceptance targets."""
+from __future__ import annotations
+
+# A cell's status: "ok", "mismatch", "timeout", "n/a" (runner unavailable or native
+# failed), "skipped" (filtered out by --only/--skip).
+
+
+def _cell(res: dict, workload: str, runner: str) -> dict | None:
+    return res["cells"].get(f"{runner}:{workload}")
+
+
+def seconds(res: dict, workload: str, runner: str) -> tuple[float, bool] | None:
+    """(median seconds, is a lower bound) or None.  A timeout counts as >= the timeout."""
+    c = _cell(res, workload, runner)
+    if c is None:
+        return None
+    if c["status"] == "ok":
+        return c["median"], False
+    if c["status"] == "timeout":
+        return res["timeout"], True
+    return None
+
+
+def _why(res: dict, workload: str, runner: str) -> str:
+    c = _cell(res, workload, runner)
+    if c is None or c["status"] == "skipped":
+        return f"{runner} not run on {workload}"
+    why = c.get("short") or c.get("reason")
+    return f"{runner} on {workload}: {c['status']}" + (f" ({why})" if why else "")
+
+
+def _fmt(v: tuple[float, bool]) -> str:
+    return (">" if v[1] else "") + f"{v[0]:.3f} s"
+
+
+def cell_text(res: dict, workload: str, runner: str, ratio: bool = False) -> str:
+    c = _cell(res, workload, runner)
+    if c is None or c["status"] == "skipped":
+        return "skipped"
+    st = c["status"]
+    if st == "n/a":
+        return f"n/a ({c['short']})"
+    if st == "timeout":
+        return f"timeout (>{res['timeout']:.0f} s)"
+    base = seconds(res, workload, "native")
+    if ratio:
+        if not base or base[0] <= 0:
+            return "n/a"
+        text = f"{c['median'] / base[0]:.2f}x"
+    else:
+        text = f"{c['median']:.3f}"
+    return f"MISMATCH ({text})" if st == "mismatch" else text
+
+
+def _table(res: dict, runners: list[str], ratio: bool) -> list[str]:
+    lines = ["| workload | " + " | ".join(runners) + " |",
+             "|---|" + "---:|" * len(runners)]
+    for w in res["workloads"]:
+        cells = [cell_text(res, w["name"], r, ratio) for r in runners]
+        lines.append(f"| {w['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# --- acceptance targets ------------------------------------------------------------
+
+def _patch_over_native(res: dict, workload: str, limit: float) -> tuple[str, str]:
+    what = f"patch within {limit}x of native on {workload}"
+    nat, pat = seconds(res, workload, "native"), seconds(res, workload, "patch")
+    if nat is None:
+        return "n/a", f"{what}: {_why(res, workload, 'native')}"
+    if pat is None:
+        c = _cell(res, workload, "patch")
+        verdict = "FAIL" if c and c["status"] == "mismatch" else "n/a"
+        return verdict, f"{what}: {_why(res, workload, 'patch')}"
+    ratio = pat[0] / nat[0]
+    verdict = "PASS" if ratio <= limit and not pat[1] else "FAIL"
+    return verdict, (f"{what}: patch {_fmt(pat)} / native {_fmt(nat)} = "
+                     f"{'>' if pat[1] else ''}{ratio:.2f}x")
+
+
+def _patch_vs_emulate(res: dict, workload: str, factor: float) -> tuple[str, str]:
+    what = f"patch >= {factor:.0f}x faster than emulate on {workload}"
+    pat, emu = seconds(res, workload, "patch"), seconds(res, workload, "emulate")
+    if pat is None or pat[1]:
+        c = _cell(res, workload, "patch")
+        verdict = "FAIL" if c and c["status"] in ("mismatch", "timeout") else "n/a"
+        return verdict, f"{what}: {_why(res, workload, 'patch')}"
+    if emu is None:
+        return "n/a", f"{what}: {_why(res, workload, 'emulate')}"
+    speedup = emu[0] / pat[0]
+    text = (f"{what}: emulate {_fmt(emu)} / patch {_fmt(pat)} = "
+            f"{'>' if emu[1] else ''}{speedup:.1f}x")
+    if speedup >= factor:
+        return "PASS", text
+    return ("n/a", text + " (emulate timed out; raise --timeout)") if emu[1] else ("FAIL", text)
+
+
+def _patch_vs_peers(res: dict, workload: str) -> tuple[str, str]:
+    nat = seconds(res, workload, "native")
+    what = f"patch faster than valgrind and qemu-user on {workload} (native {_fmt(nat)})"
+    pat = seconds(res, workload, "patch")
+    if pat is None or pat[1]:
+        c = _cell(res, workload, "patch")
+        verdict = "FAIL" if c and c["status"] in ("mismatch", "timeout") else "n/a"
+        return verdict, f"{what}: {_why(res, workload, 'patch')}"
+    parts, verdicts = [f"patch {_fmt(pat)}"], []
+    for peer in ("valgrind", "qemu"):
+        v = seconds(res, workload, peer)
+        if v is None:
+            parts.append(f"{peer} n/a")
+            continue
+        verdicts.append(pat[0] < v[0])
+        parts.append(f"{peer} {_fmt(v)}")
+    text = f"{what}: " + ", ".join(parts)
+    if not verdicts:
+        return "n/a", text
+    return ("PASS" if all(verdicts) else "FAIL"), text
+
+
+def acceptance(res: dict) -> list[tuple[str, str]]:
+    names = {w["name"] for w in res["workloads"]}
+    out = [_patch_over_native(res, w, 1.15) for w in ("branchy", "calls") if w in names]
+    if "syscalls" in names:
+        out.append(_patch_over_native(res, "syscalls", 1.5))
+    out += [_patch_vs_emulate(res, w, 50) for w in ("syscalls", "cpuid") if w in names]
+    long = [w["name"] for w in res["workloads"]
+            if (s := seconds(res, w["name"], "native")) and s[0] > 0.5]
+    out += [_patch_vs_peers(res, w) for w in long]
+    return out
+
+
+# --- the document --------------------------------------------------------------------
+
+def render(res: dict) -> str:
+    m = res["machine"]
+    runners = [r["name"] for r in res["runners"]]
+    lines = [
+        "# sbe benchmark results", "",
+        f"- date: {m['date']}",
+        f"- CPU: {m['cpu']} ({m['cpus']} logical CPUs)",
+        f"- kernel: {m['kernel']}; OS: {m['os']}",
+        f"- load average at start: {m['loadavg']}",
+        f"- sbe: {m['sbe']}; its Python: {m['python']}",
+        f"- tools: " + "; ".join(f"{k}: {v}" for k, v in m["tools"].items()),
+        f"- command: `{res['command']}`",
+        f"- median of {res['repeat']} run(s) per cell, wall-clock seconds; "
+        f"timeout {res['timeout']:.0f} s per run; stdout and exit status checked against native", "",
+        "## Median seconds", "", *_table(res, runners, ratio=False), "",
+        "## Ratio to native", "", *_table(res, runners, ratio=True), "",
+        "## Acceptance targets", "",
+    ]
+    lines += [f"- **{v}** {text}" for v, text in acceptance(res)]
+    lines += ["", "## Runners", ""]
+    for r in res["runners"]:
+        extra = f" — unavailable: {r['unavailable']}" if r["unavailable"] else ""
+        lines.append(f"- `{r['name']}`: {r['about']}{extra}")
+    lines += ["", "## Workloads", ""]
+    lines += [f"- `{w['name']}`: {w['about']}" for w in res["workloads"]]
+    problems = [c for c in res["cells"].values() if c["status"] in ("mismatch", "timeout")]
+    if problems:
+        lines += ["", "## Problems", ""]
+        lines += [f"- {c['runner']} on {c['workload']}: {c['status']}: {c['reason']}" for c in problems]
+    return "\n".join(lines) + "\n"

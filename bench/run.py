@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Benchmark sbe against native execution and its peers (strace, valgrind, qemu-user).
+
+Runs every workload under every runner REPEAT times, takes the median wall time, checks
+that stdout and the exit status equal the native run's, and writes a markdown report
+(--out, default bench/RESULTS.md) and results.json (all raw times) beside it.
+
+Cells: a runner that cannot run a trivial program (not installed, or sbe rejects
+`--mode patch`) is "n/a (reason)"; a run over --timeout is reported as a timeout and
+the cell's remaining repeats are dropped; a stdout or exit-status mismatch is
+"MISMATCH" and makes this script exit 1 at the end.
+
+Filters (--only / --skip, repeatable or comma-separated): RUNNER:WORKLOAD, RUNNER,
+WORKLOAD, or '*' for either half.  Native always runs for every selected workload (it
+is the reference).  Emulate mode traps every sensitive instruction and indirect
+branch, so it needs minutes on branchy code; for a quick look try
+  python3 bench/run.py --quick --skip emulate:branchy,emulate:python3,emulate:ls
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+import runners as rn  # noqa: E402
+import workloads as wl  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]) + "\n\nrunners: " + ", ".join(rn.NAMES)
+        + "\nworkloads: " + ", ".join(wl.NAMES))
+    p.add_argument("--repeat", type=int, default=5, metavar="N", help="runs per cell (default 5)")
+    p.add_argument("--quick", action="store_true", help="one run per cell (same as --repeat 1)")
+    p.add_argument("--timeout", type=float, default=600, metavar="SEC",
+                   help="per-run timeout in seconds (default 600)")
+    p.add_argument("--only", action="append", default=[], metavar="PAT",
+                   help="run only the matching cells (RUNNER:WORKLOAD, RUNNER or WORKLOAD)")
+    p.add_argument("--skip", action="append", default=[], metavar="PAT",
+                   help="do not run the matching cells (same forms as --only)")
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"), metavar="FILE",
+                   help="markdown report (default bench/RESULTS.md); results.json goes beside it")
+    p.add_argument("--sbe-root", default=str(rn.REPO), metavar="DIR",
+                   help="run sbe from this checkout (default: this one), e.g. a `git archive` "
+                        "snapshot while the work tree is being edited")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not run bench/setup.sh when strace/valgrind/qemu-x86_64 is missing")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeat = 1
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    try:
+        args.only = [parse_pattern(s) for a in args.only for s in a.split(",") if s]
+        args.skip = [parse_pattern(s) for a in args.skip for s in a.split(",") if s]
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def parse_pattern(text: str) -> tuple[str, str]:
+    if ":" in text:
+        r, w = text.split(":", 1)
+        r, w = r or "*", w or "*"
+    elif text in rn.NAMES:
+        r, w = text, "*"
+    elif text in wl.NAMES:
+        r, w = "*", text
+    else:
+        raise ValueError(f"{text!r} is neither a runner nor a workload")
+    if not fnmatch.filter(rn.NAMES, r) or not fnmatch.filter(wl.NAMES, w):
+        raise ValueError(f"{text!r} matches no runner:workload")
+    return r, w
+
+
+def selected(args, runner: str, workload: str) -> bool:
+    match = lambda pats: any(fnmatch.fnmatch(runner, r) and fnmatch.fnmatch(workload, w)
+                             for r, w in pats)
+    return (not args.only or match(args.only)) and not match(args.skip)
+
+
+def machine_info(sbe_root: Path) -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    osname = platform.system()
+    try:
+        for line in open("/etc/os-release"):
+            if line.startswith("PRETTY_NAME="):
+                osname = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+
+    def out(cmd: list[str]) -> str | None:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        lines = (r.stdout or r.stderr).strip().splitlines()
+        return lines[0] if r.returncode == 0 and lines else ("" if r.returncode == 0 else None)
+
+    commit = out(["git", "-C", str(sbe_root), "rev-parse", "--short", "HEAD"])
+    if commit is None:
+        commit = "not a git checkout"
+    elif out(["git", "-C", str(sbe_root), "status", "--porcelain", "--untracked-files=no"]):
+        commit += " with uncommitted changes"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "cpu": cpu, "cpus": os.cpu_count(),
+        "kernel": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "os": osname, "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "sbe": f"{sbe_root} ({commit})",
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "tools": {name: out(cmd) or "not installed" for name, cmd in [
+            ("gcc", ["gcc", "--version"]), ("strace", ["strace", "-V"]),
+            ("valgrind", ["valgrind", "--version"]), ("qemu", ["qemu-x86_64", "--version"])]},
+    }
+
+
+def measure(argv, repeat, timeout, env, cwd, ref=None) -> tuple[dict, tuple | None]:
+    """Run one cell.  ref: the native (stdout, status) to check against, if any."""
+    times, statuses = [], []
+    cell = {"status": "ok", "reason": "", "argv": argv}
+    for _ in range(repeat):
+        try:
+            r = rn.run_once(argv, timeout, env, cwd)
+        except OSError as e:
+            cell.update(status="n/a", short="cannot start", reason=e.strerror)
+            break
+        if r.timed_out:
+            cell.update(status="timeout", reason=f"run {len(times) + 1} over {timeout:.0f} s")
+            break
+        times.append(r.seconds)
+        statuses.append(r.status)
+        ref = ref or (r.stdout, r.status)
+        if (r.stdout, r.status) != ref:
+            what = "stdout differs" if r.stdout != ref[0] else ""
+            if r.status != ref[1]:
+                what += ("; " if what else "") + f"exit status {r.status}, expected {ref[1]}"
+            err = rn.last_line(r.stderr)
+            cell.update(status="mismatch", reason=what + (f" (stderr: {err})" if err else ""))
+            break
+    cell.update(times=times, exit_statuses=statuses,
+                median=statistics.median(times) if times else None)
+    return cell, ref
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python3 bench/run.py" + "".join(" " + shlex.quote(a) for a in
+                                                (sys.argv[1:] if argv is None else argv))
+    print("building guests/bench ...", flush=True)
+    wl.build_guests()
+
+    all_runners = rn.make_runners(Path(args.sbe_root).resolve())
+    sel_runners = [r for r in all_runners if any(selected(args, r.name, w) for w in wl.NAMES)]
+    missing = [r.tool for r in sel_runners if r.tool in rn.PEERS and not shutil.which(r.tool)]
+    if missing and not args.no_install:
+        print(f"missing {', '.join(missing)}: running bench/setup.sh to install them", flush=True)
+        subprocess.run(["sh", str(HERE / "setup.sh")])
+
+    env = dict(os.environ, LC_ALL="C")
+    results = {"command": command, "repeat": args.repeat, "timeout": args.timeout,
+               "machine": machine_info(Path(args.sbe_root).resolve()),
+               "runners": [], "workloads": [], "cells": {}}
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="sbe-bench-") as tmp:
+        cwd = tmp
+        startup = str(wl.GUEST_OUT / "startup")
+        unavailable = {}
+        for r in all_runners:
+            if r.name != "native" and r in sel_runners:
+                unavailable[r.name] = rn.probe(r, startup, min(args.timeout, 120), env, cwd)
+                if unavailable[r.name]:
+                    print(f"runner {r.name}: n/a ({unavailable[r.name]})", flush=True)
+            results["runners"].append({"name": r.name, "about": r.about,
+                                       "unavailable": unavailable.get(r.name)})
+
+        for w in wl.all_workloads(Path(tmp)):
+            if not any(selected(args, r, w.name) for r in rn.NAMES):
+                continue
+            results["workloads"].append({"name": w.name, "argv": w.argv, "about": w.about})
+            ref = None
+            for r in all_runners:
+                key = f"{r.name}:{w.name}"
+                base = {"runner": r.name, "workload": w.name}
+                if r.name != "native" and not selected(args, r.name, w.name):
+                    results["cells"][key] = {**base, "status": "skipped"}
+                    continue
+                if unavailable.get(r.name):
+                    results["cells"][key] = {**base, "status": "n/a",
+                                             "short": unavailable[r.name].split(":")[0],
+                                             "reason": unavailable[r.name]}
+                    continue
+                if r.name != "native" and ref is None:
+                    results["cells"][key] = {**base, "status": "n/a", "short": "native failed",
+                                             "reason": "no native reference"}
+                    continue
+                print(f"{w.name:10} {r.name:9} ", end="", flush=True)
+                cell, ref_out = measure([*r.prefix, *w.argv], args.repeat, args.timeout, env, cwd, ref)
+                if r.name == "native":
+                    if cell["status"] == "ok" and cell["exit_statuses"][0] != 0:
+                        cell.update(status="n/a", short="native failed",
+                                    reason=f"exit status {cell['exit_statuses'][0]}")
+                        failed = True      # a broken workload, not a slow one
+                    ref = ref_out if cell["status"] == "ok" else None
+                failed |= cell["status"] == "mismatch"
+                results["cells"][key] = {**base, **cell}
+                shown = f"{cell['median']:.3f} s" if cell["median"] is not None else ""
+                print(f"{cell['status']:8} {shown} {cell['reason']}".rstrip(), flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.render(results))
+    (out.parent / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out} and {out.parent / 'results.json'}")
+    for verdict, text in report.acceptance(results):
+        print(f"  {verdict:4} {text}")
+    if failed:
+        print("MISMATCH or native failure: see the report", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The runner table: how each way of running a program wraps its command line."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+def sbe(root: Path) -> list[str]:
+    """`python3 -m monitor` from the checkout at root, independent of the current
+    directory and of PYTHONPATH (which the guest would inherit)."""
+    return [sys.executable, "-c",
+            f"import sys; sys.path.insert(0, {str(root)!r}); sys.argv[0] = 'sbe'; "
+            "from monitor.cli import _entry; _entry()"]
+
+
+@dataclass
+class Runner:
+    name: str
+    prefix: list[str]      # prepended to the workload's argv
+    tool: str | None       # executable that must be on PATH, if any
+    about: str
+
+
+def make_runners(sbe_root: Path = REPO) -> list[Runner]:
+    return [
+        Runner("native", [], None, "the program alone"),
+        Runner("emulate", [*sbe(sbe_root), "run", "--mode", "emulate", "--"], None,
+               "sbe run --mode emulate"),
+        Runner("patch", [*sbe(sbe_root), "run", "--mode", "patch", "--"], None,
+               "sbe run --mode patch"),
+        Runner("strace", ["strace", "-f", "-o", "/dev/null"], "strace", "strace -f -o /dev/null"),
+        Runner("valgrind", ["valgrind", "--tool=none", "-q"], "valgrind", "valgrind --tool=none -q"),
+        Runner("qemu", ["qemu-x86_64", "-L", "/"], "qemu-x86_64", "qemu-x86_64 -L / (qemu-user)"),
+    ]
+
+
+NAMES = [r.name for r in make_runners()]
+PEERS = {"strace", "valgrind", "qemu-x86_64"}   # what bench/setup.sh installs
+
+
+@dataclass
+class Result:
+    seconds: float
+    status: int | None     # exit status as a shell reports it; None on timeout
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def timed_out(self) -> bool:
+        return self.status is None
+
+
+def run_once(argv: list[str], timeout: float, env: dict[str, str], cwd: str) -> Result:
+    """Run argv once, timing it by the wall clock.  On timeout the whole process group
+    (runner and guest) is killed with SIGKILL: a tracer may forward a plain SIGTERM to a
+    stopped guest and never exit."""
+    start = time.perf_counter()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = p.communicate()
+        return Result(time.perf_counter() - start, None, out, err)
+    seconds = time.perf_counter() - start
+    status = p.returncode if p.returncode >= 0 else 128 - p.returncode
+    return Result(seconds, status, out, err)
+
+
+def last_line(data: bytes, limit: int = 160) -> str:
+    lines = [ln.strip() for ln in data.decode(errors="replace").splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def probe(runner: Runner, startup: str, timeout: float, env: dict[str, str],
+          cwd: str) -> str | None:
+    """None when the runner can run the trivial program; else why not (short)."""
+    if runner.tool and not shutil.which(runner.tool):
+        return f"{runner.tool} not installed"
+    try:
+        r = run_once([*runner.prefix, startup], timeout, env, cwd)
+    except OSError as e:
+        return f"cannot start: {e.strerror}"
+    if r.timed_out:
+        return f"start-up probe timed out after {timeout:.0f} s"
+    if r.status != 0:
+        why = last_line(r.stderr)
+        return f"exit {r.status} at start-up" + (f": {why}" if why else "")
+    return None

@@ -1,0 +1,76 @@
+"""The workloads: the C guests in guests/bench/ and a few real programs."""
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from runners import REPO
+
+GUEST_SRC = REPO / "guests" / "bench"
+GUEST_OUT = REPO / "build" / "guests" / "bench"
+DATA_MIB = 20
+
+# name, what it stresses (native sizes are for an idle ~3 GHz x86-64 core)
+GUESTS = [
+    ("branchy", "branchy integer loop with a 16-case switch jump table (~0.6 s)"),
+    ("calls", "call/return-heavy recursion: naive fib(41) + ackermann(2, 10000) (~0.6 s)"),
+    ("syscalls", "200000 x getppid() through the libc wrapper"),
+    ("cpuid", "200000 x cpuid leaf 0 (inline asm)"),
+    ("rdtsc", "2000000 x rdtsc (inline asm)"),
+    ("mixed", "FNV-1a over a 1 MiB buffer, 500 passes, hex lines write()n to /dev/null (~0.6 s)"),
+    ("startup", "returns 0 at once: start-up and exit cost"),
+]
+PY_CODE = "print(sum(i * i for i in range(25_000_000)))"
+NAMES = [g for g, _ in GUESTS] + ["ls", "sha256sum", "python3"]
+
+
+@dataclass
+class Workload:
+    name: str
+    argv: list[str]
+    about: str
+
+
+def build_guests() -> None:
+    subprocess.run(["make", "-s", "-C", str(GUEST_SRC), f"OUT={GUEST_OUT}"], check=True)
+
+
+def _which(prog: str) -> str:
+    # Absolute paths: qemu-x86_64 does not search PATH.
+    return shutil.which(prog) or prog
+
+
+def _python3() -> str:
+    # The system interpreter, not a pyenv shim (a shell script) that would be measured too.
+    for cand in ("/usr/bin/python3", shutil.which("python3"), sys.executable):
+        if cand and Path(cand).is_file() and not _is_script(cand):
+            return cand
+    return sys.executable
+
+
+def _is_script(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"#!"
+
+
+def make_data(tmp: Path) -> Path:
+    """A deterministic 20 MiB file of pseudo-random bytes for sha256sum."""
+    path = tmp / f"data-{DATA_MIB}MiB.bin"
+    path.write_bytes(random.Random(20).randbytes(DATA_MIB << 20))
+    return path
+
+
+def all_workloads(tmp: Path) -> list[Workload]:
+    out = [Workload(name, [str(GUEST_OUT / name)], about) for name, about in GUESTS]
+    data = make_data(tmp)
+    out += [
+        Workload("ls", [_which("ls"), "-l", "/usr/bin"], "ls -l /usr/bin (LC_ALL=C)"),
+        Workload("sha256sum", [_which("sha256sum"), str(data)],
+                 f"sha256sum of a {DATA_MIB} MiB file"),
+        Workload("python3", [_python3(), "-c", PY_CODE], f"python3 -c '{PY_CODE}' (~1 s)"),
+    ]
+    return out

@@ -1,0 +1,403 @@
+"""Which bytes each site's 5-byte jump may overwrite: the window planner of patch mode.
+
+In patch mode a site is replaced by `jmp rel32` (5 bytes) into its stub. A site shorter
+than that needs neighbours: instructions of its basic block, next to it, that move
+into the stub and run there (*displaced*). Whatever else is true of the guest, a
+window is safe only if no thread can ever arrive at, or be stopped at, an address
+strictly inside it: it would execute the tail of the `jmp` or the `int3` padding.
+So the planner refuses any window with a known landing point strictly inside, and
+trusts nothing it has not seen decoded.
+
+The planner is a pure function of the bytes and of the scan's results (instruction
+starts, sites) and a set of known landing points (`targets`); `branch_targets` gives
+the part of that set the page's own code reveals, and the monitor adds what it knows
+besides (symbols, fault addresses, signal handlers, the instruction pointers of
+threads stopped inside the page).
+
+Known gaps (landing points the default target set cannot see, so a window may cover
+one; the caller must add them when it learns them, and undo a window that turns out
+to hold one):
+  - jump-table cases a switch also falls into from the case before (the table is
+    data, and the `jmp reg` that uses it names no target);
+  - exception landing pads that do not follow a terminator (the unwinder finds them
+    in .gcc_except_table, not in the code);
+  - direct branches from other pages into this one (known only once those pages are
+    scanned, or from a whole-module scan);
+  - the `jmp rel8` to nearby padding of DESIGN.md's tactics is not planned here.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from itertools import accumulate
+
+from .decode import Insn, decode_from
+from .sensitive import classify, direct_target, is_terminator
+
+JMP5 = 5        # bytes of `jmp rel32`, the least a window holds
+_LONGEST = 15   # bytes in the longest x86 instruction
+_CHUNK = 256    # bytes handed to capstone at a time when decoding runs of starts
+
+PATCHABLE_KINDS = frozenset({"syscall", "cpuid", "rdtsc", "rdtscp", "branch"})
+_CALLS = frozenset({"call", "lcall"})
+_ENDBR = frozenset({"endbr64", "endbr32"})
+# Instructions that exist to trap, like int3 (already a terminator): whatever catches
+# the trap looks at where it came from, so they stay where they are.
+_TRAPS = frozenset({"int1", "into"})
+
+# Why no safe window exists. When several tactics fail for different reasons, the
+# fallback names the reason earliest in this tuple: the specific obstacles first,
+# "basic block too short" (nothing in the way but the block's own ends) last.
+KIND_TRAPS = "kind traps in patch mode"
+TARGET_INSIDE = "branch target inside window"
+RELATIVE_BRANCH = "neighbour not relocatable (relative branch)"
+ENDBR = "neighbour not relocatable (endbr)"
+OTHER_SITE = "neighbour is another site"
+EARLIER_WINDOW = "overlaps an earlier window"
+OVERLAPPING = "overlapping instructions"
+PAGE_END = "crosses page end"
+PAGE_START = "crosses page start"
+UNDECODED = "neighbour not decoded"
+END_NOT_BOUNDARY = "window end not an instruction boundary"
+BLOCK_TOO_SHORT = "basic block too short"
+REASONS = (KIND_TRAPS, TARGET_INSIDE, RELATIVE_BRANCH, ENDBR, OTHER_SITE, EARLIER_WINDOW,
+           OVERLAPPING, PAGE_END, PAGE_START, UNDECODED, END_NOT_BOUNDARY, BLOCK_TOO_SHORT)
+_RANK = {reason: rank for rank, reason in enumerate(REASONS)}
+
+# rip-relative operand as disasm_lite prints it: "[rip + 0x2ea5]", "[rip - 8]".
+_RIP_RELATIVE = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
+
+
+@dataclass(frozen=True)
+class Window:
+    """The bytes [start, end) a site's `jmp rel32` and int3 padding overwrite."""
+    site: Insn
+    kind: str
+    start: int
+    end: int
+    before: tuple[Insn, ...]   # displaced instructions before the site, in order
+    after: tuple[Insn, ...]    # displaced instructions after the site, in order
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def insns(self) -> tuple[Insn, ...]:
+        return (*self.before, self.site, *self.after)
+
+    @property
+    def tactic(self) -> str:
+        """Which tactic gave the window, as the statistics count it."""
+        if self.before and self.after:
+            return "both"
+        if self.before:
+            return "backward"
+        return "forward" if self.after else "site"
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A site that keeps a one-byte trap, because no safe window exists for it."""
+    site: Insn
+    kind: str
+    reason: str
+
+
+def branch_targets(code: bytes, base: int, starts: Iterable[int]) -> set[int]:
+    """The landing points the instructions at `starts` reveal themselves.
+
+    Direct branch and call targets; the instruction after every call (a return lands
+    there); the instruction after every terminator, indirect jmp included (the only
+    way in is a jump). Also every address a rip-relative `lea` takes: code that takes
+    its own address (function pointers, computed gotos, hand-written dispatch) may
+    jump there, and a window planned across it would be entered in the middle. The
+    set is a superset on purpose: an extra target costs one site a window at most.
+    """
+    targets: set[int] = set()
+    for insn in _decode_starts(code, base, starts):
+        mnemonic, op_str = insn.mnemonic, insn.op_str
+        target = direct_target(mnemonic, op_str)
+        if target is not None:
+            targets.add(target)
+        name = mnemonic.rpartition(" ")[2]
+        if name in _CALLS or is_terminator(mnemonic, op_str):
+            targets.add(insn.end)
+        elif name == "lea" and "rip" in op_str:
+            match = _RIP_RELATIVE.search(op_str)
+            if match:
+                displacement = int(match[2], 0)
+                targets.add(insn.end + displacement if match[1] == "+" else insn.end - displacement)
+    return targets
+
+
+def _decode_starts(code: bytes, base: int, starts: Iterable[int]) -> Iterator[Insn]:
+    """The instruction at each start, decoded in runs: starts mostly follow one another,
+    and one capstone call per run costs far less than one per instruction."""
+    wanted = {s for s in starts if 0 <= s - base < len(code)}
+    seen: set[int] = set()
+    for first in sorted(wanted):
+        if first in seen:
+            continue
+        address = first
+        while True:
+            # One chunk; capstone stops at a chunk's cut-off last instruction (a
+            # truncated x86 instruction never decodes as a shorter one), and the next
+            # chunk starts from there.
+            offset = address - base
+            decoded = stopped = False
+            for insn in decode_from(code[offset:offset + _CHUNK], address, address):
+                if insn.address not in wanted or insn.address in seen:
+                    stopped = True
+                    break
+                seen.add(insn.address)
+                yield insn
+                address, decoded = insn.end, True
+            if stopped or not decoded:
+                break
+
+
+class _Planner:
+    """One page's planning: the scan's results and the instructions decoded so far."""
+
+    def __init__(self, code: bytes, base: int, end: int, starts: AbstractSet[int],
+                 sites: list[tuple[Insn, str]], targets: AbstractSet[int],
+                 patchable_kinds: AbstractSet[str], rejections: Counter | None) -> None:
+        self.code, self.base, self.end = code, base, end
+        self.starts, self.targets = starts, targets
+        self.site_addresses = {insn.address for insn, _ in sites}
+        self.patchable_kinds = patchable_kinds
+        self.rejections = rejections
+        self._at: dict[int, Insn | None] = {}
+        self.floor = base   # the end of the last window planned: later ones start there or after
+
+    def at(self, address: int) -> Insn | None:
+        if address not in self._at:
+            offset = address - self.base
+            insn = None
+            if 0 <= offset < len(self.code):
+                insn = next(decode_from(self.code[offset:offset + _LONGEST], address, address), None)
+            self._at[address] = insn
+        return self._at[address]
+
+    def plan(self, site: Insn, kind: str) -> Window | Fallback:
+        if kind not in self.patchable_kinds:
+            return self._reject(site, kind, "kind", [KIND_TRAPS])
+        if site.address < self.base:
+            return self._reject(site, kind, "site", [PAGE_START])
+        if site.end > self.end:
+            return self._reject(site, kind, "site", [PAGE_END])
+        if site.address < self.floor:
+            return self._reject(site, kind, "site", [EARLIER_WINDOW])
+        need = JMP5 - site.size
+        if need <= 0:
+            flaw = self._flaw([site])
+            if flaw is None:
+                return self._accept(site, kind, (), ())
+            return self._reject(site, kind, "site", [flaw])
+
+        # A call returns to the instruction after it, which must stay where it is; a
+        # jmp (or any terminator) ends its block. Every `branch` site is one or the
+        # other, so branch windows only ever extend backwards.
+        name = site.mnemonic.rpartition(" ")[2]
+        forward_allowed = name not in _CALLS and not is_terminator(site.mnemonic, site.op_str)
+        after, after_stop = self._forward(site, need) if forward_allowed else ([], None)
+        before, before_stop = self._backward(site, need)
+        reasons: list[str] = []
+        for tactic, nb, nf, stop in _candidates(before, after, need, before_stop, after_stop):
+            if stop is None:
+                chosen_before, chosen_after = tuple(before[len(before) - nb:]), tuple(after[:nf])
+                stop = self._flaw([*chosen_before, site, *chosen_after])
+                if stop is None:
+                    return self._accept(site, kind, chosen_before, chosen_after)
+            self._count(tactic, stop)
+            reasons.append(stop)
+        return Fallback(site, kind, min(reasons, key=_RANK.__getitem__))
+
+    def _accept(self, site: Insn, kind: str, before: tuple[Insn, ...], after: tuple[Insn, ...]) -> Window:
+        start = before[0].address if before else site.address
+        end = after[-1].end if after else site.end
+        self.floor = end
+        return Window(site, kind, start, end, before, after)
+
+    def _reject(self, site: Insn, kind: str, tactic: str, reasons: list[str]) -> Fallback:
+        for reason in reasons:
+            self._count(tactic, reason)
+        return Fallback(site, kind, min(reasons, key=_RANK.__getitem__))
+
+    def _count(self, tactic: str, reason: str | None) -> None:
+        if self.rejections is not None and reason is not None:
+            self.rejections[tactic, reason] += 1
+
+    def _forward(self, site: Insn, need: int) -> tuple[list[Insn], str | None]:
+        """The neighbours after the site that may move with it, until `need` bytes,
+        and why the walk stopped short (None if it did not)."""
+        run: list[Insn] = []
+        total, address = 0, site.end
+        while total < need:
+            if address >= self.end:
+                return run, PAGE_END
+            if address in self.targets:
+                return run, TARGET_INSIDE
+            insn = self.at(address) if address in self.starts else None
+            if insn is None:
+                return run, UNDECODED
+            if insn.end > self.end:
+                return run, PAGE_END
+            obstacle = self._obstacle(insn, forward=True)
+            if obstacle is not None:
+                return run, obstacle
+            run.append(insn)
+            total, address = total + insn.size, insn.end
+        return run, None
+
+    def _backward(self, site: Insn, need: int) -> tuple[list[Insn], str | None]:
+        """The neighbours before the site that may move with it, in address order."""
+        run: list[Insn] = []
+        total, address = 0, site.address
+        while total < need:
+            if address <= self.base:
+                return run[::-1], PAGE_START
+            if address in self.targets:
+                return run[::-1], TARGET_INSIDE
+            insn = self._previous(address)
+            if insn is None:
+                return run[::-1], UNDECODED
+            if insn.address < self.floor:
+                return run[::-1], EARLIER_WINDOW
+            obstacle = self._obstacle(insn, forward=False)
+            if obstacle is not None:
+                return run[::-1], obstacle
+            run.append(insn)
+            total, address = total + insn.size, insn.address
+        return run[::-1], None
+
+    def _previous(self, address: int) -> Insn | None:
+        """The decoded instruction that ends at `address`, the nearest if several do."""
+        for start in range(address - 1, max(self.base, address - _LONGEST) - 1, -1):
+            if start in self.starts:
+                insn = self.at(start)
+                if insn is not None and insn.end == address:
+                    return insn
+        return None
+
+    def _obstacle(self, insn: Insn, forward: bool) -> str | None:
+        """Why `insn` cannot be displaced, or None.
+
+        A branch or terminator before the site ends the block before it: the site
+        starts its block, so that is the block's edge, not a relocation problem. After
+        the site a direct branch does belong to the block, but moving it would need
+        retargeting, which stubs do not do. rip-relative operands are fixed up by the
+        relocation, and push/pop run the same anywhere, so they move.
+        """
+        if insn.address in self.site_addresses or classify(insn.mnemonic, insn.op_str) is not None:
+            return OTHER_SITE
+        name = insn.mnemonic.rpartition(" ")[2]
+        if name in _ENDBR:
+            return ENDBR
+        if direct_target(insn.mnemonic, insn.op_str) is not None:
+            return RELATIVE_BRANCH if forward else BLOCK_TOO_SHORT
+        if is_terminator(insn.mnemonic, insn.op_str) or name in _TRAPS:
+            return BLOCK_TOO_SHORT
+        return None
+
+    def _flaw(self, chain: list[Insn]) -> str | None:
+        """What makes the window of the contiguous instructions `chain` unsafe, or None.
+
+        The walks already stop at targets between instructions; this also catches a
+        target or another decoded start in the middle of an instruction (code that
+        jumps into its own instructions), an instruction from before the window
+        running into it, and a window whose end the stub cannot jump back to.
+        """
+        start, end = chain[0].address, chain[-1].end
+        for address in range(start + 1, end):
+            if address in self.targets:
+                return TARGET_INSIDE
+        boundaries = {insn.address for insn in chain}
+        for address in range(start + 1, end):
+            if address in self.starts and address not in boundaries:
+                return OVERLAPPING
+        for address in range(start - _LONGEST + 1, start):
+            if address in self.starts:
+                insn = self.at(address)
+                if insn is None or insn.end > start:
+                    return OVERLAPPING
+        last = chain[-1]
+        # The stub jumps back to `end`, where the last instruction would have gone on
+        # natively: that must be an instruction the scan decoded, or the next page
+        # (which the monitor scans before it runs), unless nothing goes on there.
+        if end not in self.starts and end != self.end and not is_terminator(last.mnemonic, last.op_str):
+            return END_NOT_BOUNDARY
+        return None
+
+
+def _reach(insns: list[Insn], need: int) -> int | None:
+    """The fewest of `insns`, taken from the site outwards, that give `need` bytes."""
+    total = 0
+    for count, insn in enumerate(insns, 1):
+        total += insn.size
+        if total >= need:
+            return count
+    return None
+
+
+def _first(*reasons: str | None) -> str:
+    return min((r for r in reasons if r is not None), key=_RANK.__getitem__)
+
+
+def _candidates(before: list[Insn], after: list[Insn], need: int, before_stop: str | None,
+                after_stop: str | None) -> Iterator[tuple[str, int, int, str | None]]:
+    """(tactic, instructions before, instructions after, None) for each candidate in
+    the order they are tried, and (tactic, 0, 0, reason) for a tactic that has none
+    because its walks stopped short, for `reason`.
+
+    Forward first: the window then starts at the site, so the site's own address may
+    be a landing point and nothing runs in the stub before the site's work. Then
+    backward, then both ways, fewest displaced bytes first; every candidate is
+    minimal (dropping its outermost instruction on either side leaves under 5 bytes).
+    `after_stop` is None when the site may not extend forwards at all.
+    """
+    if after_stop is not None or after:
+        forward = _reach(after, need)
+        yield ("forward", 0, forward, None) if forward is not None else ("forward", 0, 0, after_stop)
+    backward = _reach(before[::-1], need)
+    yield ("backward", backward, 0, None) if backward is not None else ("backward", 0, 0, before_stop)
+    if not (before and after):
+        return
+    sizes_before = list(accumulate((insn.size for insn in reversed(before)), initial=0))
+    sizes_after = list(accumulate((insn.size for insn in after), initial=0))
+    both = []
+    for nb in range(1, len(before) + 1):
+        for nf in range(1, len(after) + 1):
+            displaced = sizes_before[nb] + sizes_after[nf]
+            if (displaced >= need and sizes_before[nb - 1] + sizes_after[nf] < need
+                    and sizes_before[nb] + sizes_after[nf - 1] < need):
+                both.append((displaced, nb + nf, nb, nf))
+    if sizes_before[-1] + sizes_after[-1] < need:
+        yield "both", 0, 0, _first(after_stop, before_stop)
+    for _, _, nb, nf in sorted(both):
+        yield "both", nb, nf, None
+
+
+def plan_windows(code: bytes, base: int, end: int, starts: AbstractSet[int],
+                 sites: list[tuple[Insn, str]], targets: AbstractSet[int],
+                 patchable_kinds: AbstractSet[str] = PATCHABLE_KINDS, *,
+                 rejections: Counter | None = None) -> list[Window | Fallback]:
+    """A window or a fallback for each site of [base, end), in address order.
+
+    `code` holds the original bytes of [base, end) and up to 15 more; `starts` and
+    `sites` are a scan's; `targets` every address known to be reached other than by
+    falling through (branch_targets plus what the monitor knows). Windows stay inside
+    [base, end), so a patch never writes into a page this scan did not see.
+
+    Sites are planned greedily in address order, each window starting at or after
+    the end of the one before: the windows never overlap, and no window covers a
+    fallback's trap (a window holds exactly one site). `rejections`, if given,
+    counts every tactic that failed, by (tactic, reason).
+    """
+    planner = _Planner(code, base, end, starts, sites, targets, patchable_kinds, rejections)
+    unique = {insn.address: (insn, kind) for insn, kind in sites}
+    return [planner.plan(insn, kind) for insn, kind in (unique[a] for a in sorted(unique))]

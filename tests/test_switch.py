@@ -1,0 +1,40 @@
+"""The live mode switch: SIGUSR1 to sbe re-plants every site in the other mode while
+the guest runs; the guest's output stays that of a native run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import ROOT, run_cmd, sbe_argv
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("first", ["patch", "emulate"])
+def test_switch_twice_while_running(guests, tmp_path, first):
+    prog = str(guests / "phases")
+    native = run_cmd([prog], stdin=b"\n\n")
+    stats = tmp_path / "stats.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(sbe_argv("run", "--mode", first, "--stats-json", str(stats), "--", prog),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    try:
+        lines = [proc.stdout.readline()]
+        for _ in range(2):
+            # The guest has printed its phase and now waits for stdin: switch, go on.
+            proc.send_signal(signal.SIGUSR1)
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            lines.append(proc.stdout.readline())
+        rest, _ = proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert b"".join(lines) + rest == native.stdout
+    assert proc.returncode == native.status == 0
+    other = "emulate" if first == "patch" else "patch"
+    assert json.loads(stats.read_text())["switches"] == [other, first]
