@@ -28,9 +28,11 @@ class PageState:
     entries: set = field(default_factory=set)  # entries learned before the page was scanned
     roots: set = field(default_factory=set)    # every entry a scan started from: control
                                                # arrives there, so no window may cover one
+    targets: set = field(default_factory=set)  # landing points the decoded code reveals
 
     def copy(self) -> "PageState":
-        return PageState(self.prot, self.scanned, set(self.starts), set(self.entries), set(self.roots))
+        return PageState(self.prot, self.scanned, set(self.starts), set(self.entries),
+                         set(self.roots), set(self.targets))
 
 
 class PageMap:

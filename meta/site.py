@@ -33,6 +33,8 @@ class Site:
     stub: int = 0
     trap: int = 0       # the stub's int3 ("emulate the site here"), if it has one
     resume: int = 0     # where the stub goes on after that trap (0: the handler decides)
+    stub_size: int = 0
+    displaced: tuple = ()   # (stub address, original address) of each displaced instruction
     # Per-kind data a handler derives once (e.g. a branch's decoded operand) and
     # keeps, so a trap does not decode the instruction again.
     cache: dict = field(default_factory=dict, repr=False, compare=False)

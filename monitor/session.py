@@ -22,7 +22,7 @@ from handlers import cpuid
 from handlers.effect import RESUME, STEP, SYSCALL, SYSCALL32
 from meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE, page_of
 from monitor import ptrace_api as pt
-from monitor import remote
+from monitor import remote, sigframe
 from monitor.image import setup_image
 from monitor.memory import GuestMemory
 from monitor.stats import Stats
@@ -52,7 +52,8 @@ def syscall_name(nr: int) -> str:
 
 
 class Thread:
-    __slots__ = ("tid", "space", "gadget", "post", "pending_signals", "fresh", "last_rip")
+    __slots__ = ("tid", "space", "gadget", "post", "pending_signals", "fresh", "last_rip",
+                 "frames")
 
     def __init__(self, tid: int, space: AddressSpace | None) -> None:
         self.tid = tid
@@ -64,6 +65,7 @@ class Thread:
         self.pending_signals: list[int] = []
         self.fresh = True            # its first stop (SIGSTOP of a new task) is ours
         self.last_rip = None         # verify mode: the instruction about to run
+        self.frames: list = []       # signal frames shown a translated view (sigframe.py)
 
 
 class Session:
@@ -518,6 +520,10 @@ class Session:
             pt.setregs(thread.tid, regs)
             thread.gadget = None
         thread.last_rip = None
+        if thread.space is not None and thread.space.caches and sigframe.deliver_translated(
+                thread, thread.space, sig):
+            self.cont(thread)
+            return
         self.cont(thread, sig)
 
     # -- verification (tests) --------------------------------------------------

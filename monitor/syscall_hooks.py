@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from meta.pagemap import PAGE, PROT_EXEC
 from monitor import ptrace_api as pt
+from monitor import sigframe
 
 SA_RESTORER = 0x04000000
 SIG_IGN = 1
@@ -100,6 +101,7 @@ def rt_sigaction(session, thread, regs):
             handler = int.from_bytes(raw[0:8], "little")
             flags = int.from_bytes(raw[8:16], "little")
             restorer = int.from_bytes(raw[16:24], "little")
+            thread.space.handlers[regs.rdi] = handler
             if handler > SIG_IGN:
                 session.learn_entry(thread.space, handler)
             if flags & SA_RESTORER and restorer:
@@ -110,6 +112,8 @@ def rt_sigaction(session, thread, regs):
 def rt_sigreturn(session, thread, regs):
     # The frame restores every register: a gadget return pending for this thread is moot.
     thread.gadget = None
+    if thread.frames:
+        sigframe.restore_on_sigreturn(thread, thread.space, regs.rsp)
     return None
 
 

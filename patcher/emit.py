@@ -23,12 +23,14 @@ class Stub:
     code: bytes
     trap: int | None      # offset of the body's int3
     resume: int | None    # offset where the stub goes on after that trap
+    displaced: tuple = () # (offset in the stub, original address) of each displaced insn
 
 
-def _relocated(insns, original, window_start: int, at: int) -> bytes:
+def _relocated(insns, original, window_start: int, at: int, placed: list) -> bytes:
     out = b""
     for insn in insns:
         raw = original[insn.address - window_start:insn.address - window_start + insn.size]
+        placed.append((at + len(out), insn.address))
         out += relocate(raw, insn.address, at + len(out))
     return out
 
@@ -37,7 +39,8 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
     """The stub for `site_insn` (its window's original bytes `window_bytes`) placed at
     `at` in `cache`."""
     try:
-        code = _relocated(window.before, window_bytes, window.start, at)
+        placed: list = []
+        code = _relocated(window.before, window_bytes, window.start, at, placed)
         site_raw = window_bytes[site_insn.address - window.start:site_insn.address - window.start + site_insn.size]
         here = at + len(code)
         trap = resume = None
@@ -69,11 +72,15 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
             tail_at = at + len(code)
             code += stubs.fill(tail, tail_at, values)
             trap = tail_at - at + tail.trap
-            return Stub(code, trap, None)   # a branch leaves for its target, never back
+            return Stub(code, trap, None, _offsets(placed, at))   # a branch leaves for its target
         else:
             raise EmitError(f"no stub for kind {kind}")
-        code += _relocated(window.after, window_bytes, window.start, at + len(code))
+        code += _relocated(window.after, window_bytes, window.start, at + len(code), placed)
         code += stubs.jmp5(at + len(code), window.end)
-        return Stub(code, trap, resume)
+        return Stub(code, trap, resume, _offsets(placed, at))
     except ValueError as e:
         raise EmitError(str(e)) from None
+
+
+def _offsets(placed, at: int) -> tuple:
+    return tuple((address - at, original) for address, original in placed)

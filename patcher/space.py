@@ -31,7 +31,7 @@ from patcher.emit import EmitError, compose
 from patcher.sidecache import SideCache, find_gap
 from scanner.decode import Insn, decode_from
 from scanner.region import scan_page
-from scanner.window import Fallback, branch_targets, plan_windows
+from scanner.window import Fallback, plan_windows, targets_of
 
 INT3 = b"\xcc"
 MAX_INSN = 15
@@ -78,6 +78,7 @@ class AddressSpace:
         self.fallbacks: dict[str, int] = {}
         self.flushes = 0
         self.false_sites = 0
+        self.handlers: dict[int, int] = {}     # signal -> handler address (rt_sigaction)
 
     def fork(self, mem, pid: int) -> "AddressSpace":
         """The state of a child whose memory is a copy of this one's (side caches and
@@ -88,6 +89,7 @@ class AddressSpace:
         twin.caches = [c.copy() for c in self.caches]
         twin.branch_table = self.branch_table
         twin.stub_traps = {s.trap: s for s in twin.sites if s.trap}
+        twin.handlers = dict(self.handlers)
         return twin
 
     # -- modules ---------------------------------------------------------------
@@ -143,15 +145,16 @@ class AddressSpace:
             if fresh:
                 self.pages_scanned += 1
             if not fresh:
-                self.drop_false_sites(code, page, state, result.starts)
+                self.drop_false_sites(state, result.insns)
             state.scanned = True
             state.entries.clear()
             state.roots |= entries
             state.starts |= result.starts
+            state.targets |= targets_of(result.insns)
             self.swept += result.swept
             found = [(i, k) for i, k in result.sites if i.address not in self.sites]
             if self.mode == "patch" and (fresh or exclusive):
-                targets = branch_targets(code, page, state.starts) | state.roots | avoid
+                targets = state.targets | state.roots | avoid
                 plans = plan_windows(code, page, page + PAGE, state.starts, found, targets)
             else:
                 reason = "emulate mode" if self.mode == "emulate" else "found after its page ran"
@@ -169,16 +172,14 @@ class AddressSpace:
                     other.entries.add(out)
         return new_sites
 
-    def drop_false_sites(self, code: bytes, page: int, state, new_starts) -> None:
+    def drop_false_sites(self, state, insns) -> None:
         """An extension scan starts where execution really goes, so its decoding is
         ground truth: an earlier start (and site) strictly inside one of its
         instructions came from decoding out of step (a call's fall-through into
         padding, say) and is dropped, its patch undone."""
         interior = set()
-        for start in new_starts:
-            insn = next(decode_from(code, page, start), None)
-            if insn is not None:
-                interior.update(range(start + 1, insn.end))
+        for insn in insns:
+            interior.update(range(insn.address + 1, insn.end))
         false = interior & state.starts
         if not false:
             return
@@ -209,6 +210,16 @@ class AddressSpace:
                 insn = next(decode_from(self.original(start, MAX_INSN), start, start), None)
                 return insn is not None and start + insn.size > address
         return False
+
+    def site_of_stub(self, address: int) -> Site | None:
+        """The site whose stub holds `address` (stub-PC to guest-PC, as
+        DynamoRIO's translate does)."""
+        if not self.in_cache(address):
+            return None
+        for site in self.sites:
+            if site.stub <= address < site.stub + site.stub_size:
+                return site
+        return None
 
     def in_cache(self, address: int) -> bool:
         return any(c.start <= address < c.start + c.size for c in self.caches)
@@ -257,7 +268,8 @@ class AddressSpace:
             raise EmitError("side cache full")
         at = cache.take(len(stub.code))
         self.mem.write(at, stub.code)
-        site.strategy, site.stub = "jmp5", at
+        site.strategy, site.stub, site.stub_size = "jmp5", at, len(stub.code)
+        site.displaced = tuple((at + off, orig) for off, orig in stub.displaced)
         site.window_start, site.window_end, site.window_bytes = window.start, window.end, window_bytes
         site.trap = at + stub.trap if stub.trap is not None else 0
         site.resume = at + stub.resume if stub.resume is not None else 0
@@ -277,7 +289,8 @@ class AddressSpace:
         """Turn a jmp5 site back into a trap: something will run inside its window."""
         self.unplant(site)
         site.strategy, site.reason, site.trap, site.resume = "int3", reason, 0, 0
-        site.window_start = site.window_end = site.stub = 0
+        site.window_start = site.window_end = site.stub = site.stub_size = 0
+        site.displaced = ()
         site.window_bytes = b""
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
         self.mem.write(site.address, INT3)
@@ -373,8 +386,8 @@ class AddressSpace:
             else:
                 state = self.pages.pages[p]
                 state.scanned = False
-                state.starts.clear()
-                state.entries.clear()
+                for learned in (state.starts, state.entries, state.roots, state.targets):
+                    learned.clear()
         if dropped and self.branch_table:
             # Validated targets in these pages are no longer known starts.
             self.mem.write(self.branch_table, bytes(BRANCH_TABLE_SIZE))
@@ -402,7 +415,7 @@ class AddressSpace:
             code = self.original(page, PAGE + MAX_INSN)
             found = [(Insn(s.address, s.size, s.mnemonic, s.op_str), s.kind) for s in old]
             if mode == "patch" and state is not None:
-                targets = branch_targets(code, page, state.starts) | state.roots | avoid
+                targets = state.targets | state.roots | avoid
                 plans = plan_windows(code, page, page + PAGE, state.starts, found, targets)
             else:
                 plans = [Fallback(i, k, "emulate mode") for i, k in found]

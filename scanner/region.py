@@ -23,6 +23,7 @@ _SWEEP_ROUNDS = 4  # sweep, descend from what the sweep branches to, sweep what 
 @dataclass
 class RegionScan:
     starts: set[int] = field(default_factory=set)
+    insns: list[Insn] = field(default_factory=list)    # the instructions at `starts`
     sites: list[tuple[Insn, str]] = field(default_factory=list)
     outside: set[int] = field(default_factory=set)
     swept: int = 0
@@ -196,6 +197,7 @@ def scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
                 break
             scan.starts.update(more)
             reached += more.values()
+    scan.insns = reached
     for insn in reached:
         kind = classify(insn.mnemonic, insn.op_str)
         if kind is not None:

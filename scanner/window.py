@@ -117,8 +117,13 @@ def branch_targets(code: bytes, base: int, starts: Iterable[int]) -> set[int]:
     jump there, and a window planned across it would be entered in the middle. The
     set is a superset on purpose: an extra target costs one site a window at most.
     """
+    return targets_of(_decode_starts(code, base, starts))
+
+
+def targets_of(insns: Iterable[Insn]) -> set[int]:
+    """branch_targets for instructions already decoded (a scan's own)."""
     targets: set[int] = set()
-    for insn in _decode_starts(code, base, starts):
+    for insn in insns:
         mnemonic, op_str = insn.mnemonic, insn.op_str
         target = direct_target(mnemonic, op_str)
         if target is not None:

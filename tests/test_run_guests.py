@@ -27,11 +27,7 @@ def assert_same(native, virt):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name,args", SAMPLE_GUESTS, ids=[g[0] for g in SAMPLE_GUESTS])
-def test_sample_guest(guests, name, args, mode, request):
-    if (name, mode) == ("sigcontext", "patch"):
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="known gap: a signal taken inside a stub or the patch gadget "
-            "shows the handler a side-cache address (signal-frame translation not done)"))
+def test_sample_guest(guests, name, args, mode):
     argv = [str(guests / name), *args]
     assert_same(run_cmd(argv), run_sbe(argv, mode=mode))
 

@@ -1,0 +1,125 @@
+"""Signal frames that show the guest its own addresses, never the side cache's.
+
+A signal may arrive while a thread runs a stub (patch mode) or stands in the patch
+gadget. The thread is first brought to a point where its state is the site's but for
+rip/rsp/rcx (the stub's trap, the gadget's syscall, or just after it) by stepping it
+through the stub; the signal is then delivered with PTRACE_SINGLESTEP, which stops
+the thread at the handler's first instruction with the frame built, and the frame's
+ucontext gets the guest's view: rip at the site (or after it), rsp above the stub's
+red-zone skip. At rt_sigreturn the real values go back, unless the handler changed
+them itself. A fault raised by a displaced instruction is shown at the instruction's
+original address.
+
+Known gaps: a thread inside a stub of a site that was since re-planted elsewhere (a
+mode switch, a cache flush) is shown as it is.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+
+from handlers.stubs import RED_ZONE
+from monitor import ptrace_api as pt
+from monitor.remote import GuestGone
+from patcher import gadget
+
+# struct rt_sigframe at the handler's rsp: pretcode (8), then ucontext: uc_flags (8),
+# uc_link (8), uc_stack (24), then sigcontext's gregs r8..r15, rdi, rsi, rbp, rbx,
+# rdx, rax, rcx, rsp, rip.
+MCONTEXT = 8 + 8 + 8 + 24
+GREG = {"rcx": 14, "rsp": 15, "rip": 16}
+SYNCHRONOUS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+MAX_STEPS = 20000
+CALL_SKIP = RED_ZONE + 8          # the red zone, and the stub's call to the gadget
+
+
+def guest_view(space, regs, sig: int) -> dict | None:
+    """What the handler must see instead of the real rip/rsp/rcx, or None when the
+    thread already stands on guest code."""
+    rip = regs.rip
+    if rip in (gadget.PATCH, gadget.PATCH_RET):
+        ret = int.from_bytes(space.mem.read(regs.rsp, 8), "little")
+        site = space.site_of_stub(ret)
+        if site is None:
+            return None
+        if rip == gadget.PATCH:
+            return {"rip": site.address, "rsp": regs.rsp + CALL_SKIP}
+        return {"rip": site.end, "rsp": regs.rsp + CALL_SKIP, "rcx": site.end}
+    site = space.site_of_stub(rip)
+    if site is None:
+        return None
+    if rip == site.trap:
+        return {"rip": site.address}
+    for stub_address, original in site.displaced:
+        if stub_address == rip:
+            return {"rip": original}
+    return None
+
+
+def walk_out(thread, space) -> None:
+    """Step a thread inside a stub to a point guest_view can name (or out of the
+    stub). Signals that arrive meanwhile are kept for the thread."""
+    for _ in range(MAX_STEPS):
+        regs = pt.getregs(thread.tid)
+        rip = regs.rip
+        if rip in (gadget.PATCH, gadget.PATCH_RET) or not space.in_cache(rip):
+            return
+        site = space.site_of_stub(rip)
+        if site is None or rip == site.trap or any(a == rip for a, _ in site.displaced):
+            return
+        pt.resume(thread.tid, 0, pt.PTRACE_SINGLESTEP)
+        _, status = os.waitpid(thread.tid, pt.WALL)
+        if not os.WIFSTOPPED(status):
+            raise GuestGone(thread.tid, status)
+        sig = os.WSTOPSIG(status)
+        if sig != signal.SIGTRAP and status >> 16 == 0:
+            thread.pending_signals.append(sig)
+
+
+def deliver_translated(thread, space, sig: int) -> bool:
+    """Deliver `sig` with a translated frame if the thread stands in side-cache code.
+    Returns False when nothing needed translating (the caller delivers as usual)."""
+    regs = pt.getregs(thread.tid)
+    if not (space.in_cache(regs.rip) or regs.rip in (gadget.PATCH, gadget.PATCH_RET)):
+        return False
+    if sig not in SYNCHRONOUS:
+        walk_out(thread, space)
+        regs = pt.getregs(thread.tid)
+    view = guest_view(space, regs, sig)
+    if view is None or space.handlers.get(sig, 0) <= 1:
+        return False     # nothing to show, or no handler to show it to
+    pt.resume(thread.tid, sig, pt.PTRACE_SINGLESTEP)
+    while True:
+        _, status = os.waitpid(thread.tid, pt.WALL)
+        if not os.WIFSTOPPED(status):
+            raise GuestGone(thread.tid, status)
+        stopped = os.WSTOPSIG(status)
+        if stopped == signal.SIGTRAP and status >> 16 == 0:
+            break
+        if status >> 16 == 0:
+            thread.pending_signals.append(stopped)
+        pt.resume(thread.tid, 0, pt.PTRACE_SINGLESTEP)
+    frame = pt.getregs(thread.tid).rsp + MCONTEXT
+    real = {}
+    for name, value in view.items():
+        at = frame + 8 * GREG[name]
+        real[name] = int.from_bytes(space.mem.read(at, 8), "little")
+        space.mem.write(at, struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF))
+    thread.frames.append((frame, view, real))
+    return True
+
+
+def restore_on_sigreturn(thread, space, rsp: int) -> None:
+    """At rt_sigreturn (rsp at the ucontext): give the kernel back the real values
+    the view replaced, unless the handler rewrote them."""
+    frame = rsp - 8 + MCONTEXT
+    while thread.frames:
+        at, view, real = thread.frames.pop()
+        if at != frame:
+            continue     # a frame left by longjmp: gone with its handler
+        for name, value in view.items():
+            slot = frame + 8 * GREG[name]
+            if int.from_bytes(space.mem.read(slot, 8), "little") == value & 0xFFFFFFFFFFFFFFFF:
+                space.mem.write(slot, struct.pack("<Q", real[name]))
+        return
