@@ -18,8 +18,10 @@ guests:
 	$(MAKE) -s -C guests OUT=$(abspath $(GUESTS))
 
 demo: setup guests
-	@echo '== sbe run --mode emulate --stats -- $(GUESTS)/branches'
-	$(SBE) run --mode emulate --stats --sites-out build/demo-sites.json -- $(GUESTS)/branches
+	@echo '== native: $(GUESTS)/branches'
+	@$(GUESTS)/branches
+	@echo '== sbe run --mode patch --stats -- $(GUESTS)/branches'
+	$(SBE) run --mode patch --stats --sites-out build/demo-sites.json -- $(GUESTS)/branches
 	@echo '== sbe sites build/demo-sites.json --module branches'
 	$(SBE) sites build/demo-sites.json --module branches
 

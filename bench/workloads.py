@@ -16,12 +16,12 @@ DATA_MIB = 20
 
 # name, what it stresses (native sizes are for an idle ~3 GHz x86-64 core)
 GUESTS = [
-    ("branchy", "branchy integer loop with a 16-case switch jump table (~0.6 s)"),
-    ("calls", "call/return-heavy recursion: naive fib(41) + ackermann(2, 10000) (~0.6 s)"),
+    ("branchy", "branchy integer loop with a 16-case switch jump table (~3 s: long enough that sbe's fixed start-up cost does not hide its steady-state cost)"),
+    ("calls", "call/return-heavy recursion: naive fib(45) + ackermann(2, 10000) (~3 s: long enough that sbe's fixed start-up cost does not hide its steady-state cost)"),
     ("syscalls", "200000 x getppid() through the libc wrapper"),
     ("cpuid", "200000 x cpuid leaf 0 (inline asm)"),
     ("rdtsc", "2000000 x rdtsc (inline asm)"),
-    ("mixed", "FNV-1a over a 1 MiB buffer, 500 passes, hex lines write()n to /dev/null (~0.6 s)"),
+    ("mixed", "FNV-1a over a 1 MiB buffer, 2500 passes, hex lines write()n to /dev/null (~3 s: long enough that sbe's fixed start-up cost does not hide its steady-state cost)"),
     ("startup", "returns 0 at once: start-up and exit cost"),
 ]
 PY_CODE = "print(sum(i * i for i in range(25_000_000)))"

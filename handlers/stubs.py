@@ -25,7 +25,7 @@ from functools import lru_cache
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
 RED_ZONE = 128
-BRANCH_TABLE_MASK = 0xFFFF8            # 128 Ki slots of 8 bytes: a 1 MiB direct-mapped table
+BRANCH_TABLE_SLOTS = 1 << 16          # direct-mapped by the target's low 16 bits: 512 KiB
 CPUID_ENTRY = 32                       # leaf, subleaf, flags, eax, ebx, ecx, edx, pad (u32 each)
 CPUID_ANY_SUBLEAF, CPUID_END = 1, 2
 TRAP_SYSCALLS = (56, 57, 58, 435, 15)  # clone, fork, vfork, clone3, rt_sigreturn: see syscall body
@@ -135,7 +135,7 @@ def cpuid_body() -> Body:
     """)
 
 
-BRANCH_BIAS = RED_ZONE + 8 + 8 + 8 + 8   # red zone, target slot, two scratch pushes, flags
+BRANCH_BIAS = RED_ZONE + 8 + 8 + 8 + 8   # red zone, target slot, three scratch pushes
 
 
 @lru_cache(maxsize=None)
@@ -144,40 +144,43 @@ def branch_parts(is_call: bool, scratch: str) -> tuple[Body, Body]:
     table (targets the monitor has validated: decoded instruction starts). The body
     is split around the instruction that loads the target into `scratch`, which is the
     site's own operand re-encoded (handlers.relocate.load_operand) with rsp biased by
-    BRANCH_BIAS. A hit leaves with `ret imm16`, which pops the target and restores rsp
-    in one instruction (a call's return address, the original one, is written where
-    the call would have pushed it); a miss restores everything and traps."""
+    BRANCH_BIAS. The check touches no flags (so no pushfq/popfq, the costliest part of
+    a stub run on every dispatch of a switch): the slot index is a zero-extending
+    movzx, the difference is `not` + `lea`, and `jrcxz` tests it. A hit leaves with
+    `ret imm16`, which pops the target and restores rsp in one instruction (a call's
+    return address, the original one, is written where the call would have pushed
+    it); a miss restores everything and traps."""
     other = "r10" if scratch == "r11" else "r11"
     head = _assemble(f"""
         lea rsp, [rsp - {RED_ZONE}]
         lea rsp, [rsp - 8]
         push {scratch}
         push {other}
-        pushfq
+        push rcx
     """)
     push_call = f"""
         lea {other}, [rip + 0x22222222]
         mov qword ptr [rsp + {BRANCH_BIAS - 8}], {other}
     """ if is_call else ""
     tail = _assemble(f"""
-        mov {other}, {scratch}
-        shl {other}, 3
-        and {other}d, {BRANCH_TABLE_MASK}
-        add {other}, qword ptr [rip + 0x44444444]
-        cmp {scratch}, qword ptr [{other}]
-        jne miss
-        mov qword ptr [rsp + 24], {scratch}
-        {push_call}
-        popfq
-        pop {other}
-        pop {scratch}
-        ret {RED_ZONE - 8 if is_call else RED_ZONE}
-    miss:
-        popfq
+        movzx {other}d, {scratch}w
+        mov rcx, qword ptr [rip + 0x44444444]
+        mov rcx, qword ptr [rcx + {other} * 8]
+        not rcx
+        lea rcx, [rcx + {scratch} + 1]
+        jrcxz hit
+        pop rcx
         pop {other}
         pop {scratch}
         lea rsp, [rsp + {RED_ZONE + 8}]
         int3
+    hit:
+        mov qword ptr [rsp + 24], {scratch}
+        {push_call}
+        pop rcx
+        pop {other}
+        pop {scratch}
+        ret {RED_ZONE - 8 if is_call else RED_ZONE}
     """)
     return head, tail
 

@@ -38,7 +38,7 @@ MAX_INSN = 15
 MAX_WINDOW = 2 * MAX_INSN
 SYS_mmap, SYS_mprotect = 9, 10
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
-BRANCH_TABLE_SIZE = stubs.BRANCH_TABLE_MASK + 8
+BRANCH_TABLE_SIZE = stubs.BRANCH_TABLE_SLOTS * 8
 
 
 class PatchPolicy:
@@ -351,7 +351,7 @@ class AddressSpace:
 
     def insert_branch_target(self, target: int) -> None:
         if self.branch_table:
-            slot = self.branch_table + ((target << 3) & stubs.BRANCH_TABLE_MASK)
+            slot = self.branch_table + 8 * (target % stubs.BRANCH_TABLE_SLOTS)
             self.mem.write(slot, target.to_bytes(8, "little"))
 
     def cpuid_learned(self, site: Site, leaf: int, subleaf: int, regs) -> None:

@@ -1,5 +1,5 @@
 /* branchy: data-dependent branches and a dense switch (jump table) on an LCG stream.
- * Optional argv[1]: rounds (default sized for ~0.6 s natively). Prints a checksum. */
+ * Optional argv[1]: rounds (default sized for ~3 s natively). Prints a checksum. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -28,7 +28,7 @@ static uint64_t step(uint64_t acc, uint32_t op, uint32_t x)
 
 int main(int argc, char **argv)
 {
-    long rounds = argc > 1 ? atol(argv[1]) : 70000000;
+    long rounds = argc > 1 ? atol(argv[1]) : 350000000;
     uint32_t s = 12345;
     uint64_t acc = 1;
     for (long i = 0; i < rounds; i++) {

@@ -1,5 +1,5 @@
 /* calls: call/return-heavy recursion (naive fib and ackermann).
- * Optional argv[1]: fib argument (default sized for ~0.6 s natively). Prints a checksum. */
+ * Optional argv[1]: fib argument (default sized for ~3 s natively). Prints a checksum. */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -19,7 +19,7 @@ __attribute__((noinline)) static unsigned long ack(unsigned long m, unsigned lon
 
 int main(int argc, char **argv)
 {
-    unsigned n = argc > 1 ? (unsigned)atoi(argv[1]) : 41;
+    unsigned n = argc > 1 ? (unsigned)atoi(argv[1]) : 45;
     unsigned long f = fib(n);
     unsigned long a = ack(2, 10000);
     printf("calls fib(%u)=%lu ack(2,10000)=%lu\n", n, f, a);

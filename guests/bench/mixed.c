@@ -15,7 +15,7 @@ static unsigned char buf[BUF];
 
 int main(int argc, char **argv)
 {
-    long passes = argc > 1 ? atol(argv[1]) : 500;
+    long passes = argc > 1 ? atol(argv[1]) : 2500;
     const char *path = argc > 2 ? argv[2] : "/dev/null";
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) {

@@ -1,0 +1,94 @@
+"""Threads, process trees and signals with real programs: the same output and exit
+status as natively, in both modes."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from conftest import ROOT, run_cmd, run_sbe, sbe_argv
+
+MODES = ["emulate", "patch"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    lines = [f"{(i * 7919) % 200003:06d} line {i}\n" for i in range(200_000)]
+    (tmp_path / "lines.txt").write_text("".join(lines))
+    (tmp_path / "blob.bin").write_bytes(bytes((i * 31 + i // 7) & 0xFF for i in range(3 << 20)))
+    tree = tmp_path / "tree"
+    for d in range(3):
+        (tree / f"d{d}").mkdir(parents=True)
+        for f in range(4):
+            (tree / f"d{d}" / f"f{f}.txt").write_text(f"dir {d} file {f}\n")
+    return tmp_path
+
+
+PYTHON_THREADS = """
+import subprocess, threading
+out = [0] * 4
+def work(i):
+    out[i] = sum(j * j for j in range(20000 * (i + 1)))
+ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(out)
+print(subprocess.run(["echo", "from child"], capture_output=True, text=True).stdout, end="")
+"""
+
+PROGRAMS = {
+    "xz-T2": ["xz", "-T2", "-c", "blob.bin"],
+    "sort-parallel": ["sort", "--parallel=2", "-S", "1M", "lines.txt"],
+    "python3-threads": ["python3", "-c", PYTHON_THREADS],
+    "bash-pipeline": ["bash", "-c", "(echo b; echo a; echo c) | sort | tr a-z A-Z; (exit 7); echo $?"],
+    "find-exec": ["find", "tree", "-name", "*.txt", "-exec", "cat", "{}", "+"],
+    "timeout": ["timeout", "1", "sleep", "5"],
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_real_program(files, name, mode):
+    argv = PROGRAMS[name]
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not installed")
+    native = run_cmd(argv, cwd=files, timeout=120)
+    virt = run_sbe(argv, mode=mode, cwd=files, timeout=580)
+    assert virt.stdout == native.stdout
+    assert virt.status == native.status, virt.stderr[-2000:]
+    if name == "timeout":
+        assert native.status == 124
+
+
+@pytest.mark.timeout(600)
+def test_threads_stress_patch_mode(guests):
+    """The 4-thread guest 50 times in patch mode: no failure, no hang."""
+    argv = [str(guests / "threads"), "3000"]
+    native = run_cmd(argv)
+    for i in range(50):
+        virt = run_sbe(argv, mode="patch", timeout=60)
+        assert (virt.stdout, virt.status) == (native.stdout, native.status), f"run {i}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_to_sbe_reaches_the_guest(mode):
+    """SIGTERM sent to sbe goes to the guest, as to a shell's child: the guest's own
+    trap runs and its exit status is sbe's."""
+    script = 'trap "echo got TERM; exit 5" TERM; echo ready; while :; do sleep 0.05; done'
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(sbe_argv("run", "--mode", mode, "--", "bash", "-c", script),
+                            stdout=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rest == b"got TERM\n"
+    assert proc.returncode == 5
