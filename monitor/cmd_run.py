@@ -17,6 +17,9 @@ from monitor.launch import LaunchError, resolve
 
 log = logging.getLogger("sbe")
 
+# sbe's own failure, as `timeout` and `env` report theirs: not a status the guest gave.
+SBE_FAILED = 125
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["patch", "emulate"], default="patch",
@@ -140,7 +143,13 @@ def run(args) -> int:
         print(f"sbe: {e}", file=sys.stderr)
         return e.status
     forward_signals(session)
-    status = session.run()
+    try:
+        status = session.run()
+    except Exception as e:  # noqa: BLE001 - sbe's own failure: one line, the guest is gone
+        log.debug("sbe failed", exc_info=True)
+        print(f"sbe: internal error: {type(e).__name__}: {e} (the guest was killed; -vv for details)",
+              file=sys.stderr)
+        return SBE_FAILED
     if args.sites_out:
         try:
             sitesfile.save(args.sites_out, argv, args.mode, site_rows(session))

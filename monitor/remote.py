@@ -18,10 +18,6 @@ from patcher import gadget
 SYSCALL_INT3 = bytes.fromhex("0f05cc")
 
 
-class RemoteError(OSError):
-    pass
-
-
 class GuestGone(Exception):
     """The thread died (e.g. SIGKILL) while the monitor was using it."""
 

@@ -114,7 +114,7 @@ class Session:
             self.loop()
         finally:
             if self.threads:
-                pt.kill_tree(list(self.threads))
+                self.kill_all()
             self.stats.wall_seconds = time.perf_counter() - t0
             for space in self.spaces:
                 self.stats.pages_scanned += space.pages_scanned
@@ -148,6 +148,21 @@ class Session:
                 # The task died under us (SIGKILL, exit of its group): its exit
                 # status arrives through waitpid like any other.
                 log.debug("task %d vanished: %s", tid, e)
+
+    def kill_all(self) -> None:
+        """sbe is giving up (an error of its own): kill every task and reap it, so
+        nothing traced is left running or as a zombie."""
+        tids = list(self.threads)
+        pt.kill_tree(tids)
+        for tid in tids:
+            try:
+                while True:
+                    _, status = os.waitpid(tid, pt.WALL)
+                    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                        break
+            except ChildProcessError:
+                pass
+        self.threads.clear()
 
     def reap(self, thread: Thread, status: int) -> None:
         del self.threads[thread.tid]

@@ -75,3 +75,20 @@ def test_unwritable_sites_out_keeps_the_guest_status(guests, tmp_path):
     assert result.status == 3
     assert result.stdout == b"exiting with 3\n"
     assert b"cannot write" in result.stderr and b"Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_an_internal_failure_is_one_line_and_kills_the_guest(guests, monkeypatch, capsys):
+    """If sbe itself fails (here: the image set-up), the user gets one line and
+    status 125, not a traceback, and no traced guest is left behind."""
+    from monitor import cli, image, session
+
+    def broken(_session, thread):
+        broken.tid = thread.tid
+        raise image.SetupError("cannot map the syscall gadget (injected by the test)")
+    monkeypatch.setattr(session, "setup_image", broken)
+    assert cli.main(["run", "--", str(guests / "exit3")]) == 125
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sbe: internal error: SetupError")
+    with pytest.raises(ChildProcessError):
+        os.waitpid(broken.tid, 0)       # reaped: nothing left running
