@@ -51,6 +51,15 @@ def run_sbe(argv, *, mode="emulate", extra=(), **kw) -> Result:
     return run_cmd(sbe_argv("run", "--mode", mode, *extra, "--", *argv), **kw)
 
 
+def real_python() -> str:
+    """The python3 interpreter itself: on PATH it may be a version manager's shell
+    wrapper (pyenv's shim), which would make the test time bash and pyenv too."""
+    for candidate in ("/usr/bin/python3", os.path.realpath(sys.executable)):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return "python3"
+
+
 def require(program: str) -> None:
     """Skip a test whose real program this machine lacks."""
     if shutil.which(program) is None:

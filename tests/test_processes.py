@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, require, run_cmd, run_sbe, sbe_argv
+from conftest import ROOT, real_python, require, run_cmd, run_sbe, sbe_argv
 
 MODES = ["emulate", "patch"]
 
@@ -42,14 +42,14 @@ print(subprocess.run(["echo", "from child"], capture_output=True, text=True).std
 PROGRAMS = {
     "xz-T2": ["xz", "-T2", "-c", "blob.bin"],
     "sort-parallel": ["sort", "--parallel=2", "-S", "1M", "lines.txt"],
-    "python3-threads": ["python3", "-c", PYTHON_THREADS],
+    "python3-threads": [real_python(), "-c", PYTHON_THREADS],
     "bash-pipeline": ["bash", "-c", "(echo b; echo a; echo c) | sort | tr a-z A-Z; (exit 7); echo $?"],
     "find-exec": ["find", "tree", "-name", "*.txt", "-exec", "cat", "{}", "+"],
     "timeout": ["timeout", "1", "sleep", "5"],
 }
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(PROGRAMS))
 def test_real_program(files, name, mode):
@@ -60,7 +60,7 @@ def test_real_program(files, name, mode):
         argv = [a.replace("lines.txt", "lines-5k.txt") for a in argv]
     require(argv[0])
     native = run_cmd(argv, cwd=files, timeout=120)
-    virt = run_sbe(argv, mode=mode, cwd=files, timeout=580)
+    virt = run_sbe(argv, mode=mode, cwd=files, timeout=880)
     assert virt.stdout == native.stdout
     assert virt.status == native.status, virt.stderr[-2000:]
     if name == "timeout":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import require, run_cmd, run_sbe
+from conftest import real_python, require, run_cmd, run_sbe
 
 MODES = ["emulate", "patch"]
 
@@ -46,11 +46,11 @@ REAL = {
     "ls": ["ls", "-l", "--time-style=+", "d"],
     "sha256sum": ["sha256sum", "data.bin"],
     "bash-pipe": ["bash", "-c", "echo a | tr a b"],
-    "python3": ["python3", "-c", "print(sum(range(10**5)))"],
+    "python3": [real_python(), "-c", "print(sum(range(10**5)))"],
 }
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(REAL))
 def test_real_program(workdir, name, mode):
@@ -58,4 +58,4 @@ def test_real_program(workdir, name, mode):
     require(argv[0])
     native = run_cmd(argv, cwd=workdir)
     assert native.status == 0
-    assert_same(native, run_sbe(argv, mode=mode, cwd=workdir, timeout=280))
+    assert_same(native, run_sbe(argv, mode=mode, cwd=workdir, timeout=880))
