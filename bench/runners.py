@@ -13,11 +13,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 def sbe(root: Path) -> list[str]:
-    """`python3 -m monitor` from the checkout at root, independent of the current
-    directory and of PYTHONPATH (which the guest would inherit)."""
+    """`python3 -m sbe` from the checkout at root (whose folder is the `sbe` package),
+    independent of the current directory, of what is installed and of PYTHONPATH
+    (which the guest would inherit)."""
     return [sys.executable, "-c",
-            f"import sys; sys.path.insert(0, {str(root)!r}); sys.argv[0] = 'sbe'; "
-            "from monitor.cli import _entry; _entry()"]
+            "import importlib.util, sys; "
+            f"spec = importlib.util.spec_from_file_location('sbe', {str(root / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(root)!r}]); "
+            "sys.modules['sbe'] = module = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(module); sys.argv[0] = 'sbe'; "
+            "from sbe.monitor.cli import _entry; _entry()"]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_REG
 
-from handlers.effect import STEP, Effect
+from sbe.handlers.effect import STEP, Effect
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1

@@ -7,8 +7,8 @@ CPU can later be served by stubs inside the guest without trapping to the monito
 """
 from __future__ import annotations
 
-from handlers.effect import Effect
-from handlers.native import host_cpuid
+from sbe.handlers.effect import Effect
+from sbe.handlers.native import host_cpuid
 
 # Leaves whose answer depends on ecx. For every other leaf the CPU ignores ecx, so
 # the model is asked for subleaf 0 whatever the guest left in ecx; otherwise junk in

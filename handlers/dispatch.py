@@ -5,8 +5,8 @@ kinds; the CPU and clock models are passed along to the handlers that consult th
 """
 from __future__ import annotations
 
-from handlers import branch, cpuid, pkru, privileged, rdtsc, syscall
-from handlers.effect import Effect
+from sbe.handlers import branch, cpuid, pkru, privileged, rdtsc, syscall
+from sbe.handlers.effect import Effect
 
 _HANDLERS = {
     "cpuid": lambda site, regs, read, cpu, clock: cpuid.emulate(site, regs, read, cpu),

@@ -7,7 +7,7 @@ platform.
 """
 from __future__ import annotations
 
-from handlers.effect import STEP, Effect
+from sbe.handlers.effect import STEP, Effect
 
 
 def emulate(site, regs, read) -> Effect:

@@ -6,8 +6,8 @@ below.
 """
 from __future__ import annotations
 
-from handlers.effect import Effect
-from handlers.native import host_rdtsc, host_rdtscp
+from sbe.handlers.effect import Effect
+from sbe.handlers.native import host_rdtsc, host_rdtscp
 
 _LOW32 = 0xFFFFFFFF
 

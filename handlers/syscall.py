@@ -8,7 +8,7 @@ natively keeps whichever of those the host would have done.
 """
 from __future__ import annotations
 
-from handlers.effect import STEP, SYSCALL, SYSCALL32, Effect
+from sbe.handlers.effect import STEP, SYSCALL, SYSCALL32, Effect
 
 # Keyed by the opcode, the site's last two bytes, so that prefixes do not matter.
 _ACTIONS = {

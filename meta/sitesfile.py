@@ -19,7 +19,7 @@ import os
 import re
 import secrets
 
-from meta.site import KINDS, STRATEGIES
+from sbe.meta.site import KINDS, STRATEGIES
 
 FORMAT = "sbe-sites"
 VERSION = 1

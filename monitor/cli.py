@@ -10,6 +10,8 @@ import importlib
 import logging
 import sys
 
+from sbe import __version__
+
 SUBCOMMANDS = {
     "run": "run a program under sbe",
     "sites": "print a saved site table",
@@ -24,10 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Scan-before-execute virtualizer: runs an unmodified x86-64 Linux "
         "program with its sensitive instructions and indirect branches virtualized.",
     )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, help_text in SUBCOMMANDS.items():
-        module = importlib.import_module(f"monitor.cmd_{name}")
+        module = importlib.import_module(f"sbe.monitor.cmd_{name}")
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
         module.configure(p)
         p.set_defaults(_module=module)

@@ -14,11 +14,11 @@ import os
 import platform
 import signal
 
-from monitor.ptrace_api import (PTRACE_O_EXITKILL, PTRACE_O_TRACESECCOMP, PTRACE_SETOPTIONS,
+from sbe.monitor.ptrace_api import (PTRACE_O_EXITKILL, PTRACE_O_TRACESECCOMP, PTRACE_SETOPTIONS,
                                 PTRACE_TRACEME, ffi, libc)
-from monitor.seccomp import (BPF_RET_K, PR_SET_NO_NEW_PRIVS, SECCOMP_RET_ALLOW,
+from sbe.monitor.seccomp import (BPF_RET_K, PR_SET_NO_NEW_PRIVS, SECCOMP_RET_ALLOW,
                              SECCOMP_SET_MODE_FILTER, SYS_seccomp)
-from monitor.table import emit, format_table
+from sbe.monitor.table import emit, format_table
 
 SYS_arch_prctl = 158
 SYS_pkey_alloc = 330

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from monitor.launch import LaunchError, resolve
+from sbe.monitor.launch import LaunchError, resolve
 
 log = logging.getLogger("sbe")
 
@@ -57,8 +57,8 @@ def _size(text: str) -> int:
 
 
 def policy_from(args):
-    from meta.site import KINDS
-    from patcher.space import PatchPolicy
+    from sbe.meta.site import KINDS
+    from sbe.patcher.space import PatchPolicy
     kinds = [k for k in args.emulate_kinds.split(",") if k]
     for k in kinds:
         if k not in KINDS:
@@ -117,8 +117,8 @@ def forward_signals(session) -> None:
 
 
 def run(args) -> int:
-    from meta import sitesfile
-    from monitor.session import Session
+    from sbe.meta import sitesfile
+    from sbe.monitor.session import Session
 
     setup_logging(args.verbose, args.log)
     args_list = args.args[1:] if args.args[:1] == ["--"] else args.args

@@ -13,10 +13,10 @@ from collections import Counter
 
 from elftools.common.exceptions import ELFError
 
-from meta.site import KINDS
-from monitor.launch import LaunchError, resolve
-from monitor.table import emit, format_table
-from scanner.elf import scan_elf
+from sbe.meta.site import KINDS
+from sbe.monitor.launch import LaunchError, resolve
+from sbe.monitor.table import emit, format_table
+from sbe.scanner.elf import scan_elf
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

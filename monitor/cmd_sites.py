@@ -14,9 +14,9 @@ import shlex
 import sys
 from collections import Counter
 
-from meta.site import KINDS, STRATEGIES
-from meta.sitesfile import FIELDS, SitesFileError, load
-from monitor.table import emit, format_table
+from sbe.meta.site import KINDS, STRATEGIES
+from sbe.meta.sitesfile import FIELDS, SitesFileError, load
+from sbe.monitor.table import emit, format_table
 
 SORT_KEYS = {
     "address": lambda r: (r["address"], r["pid"]),

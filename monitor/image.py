@@ -13,10 +13,10 @@ import logging
 
 from elftools.elf.elffile import ELFFile
 
-from meta.module import parse_maps
-from meta.pagemap import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
-from monitor import remote
-from patcher import gadget
+from sbe.meta.module import parse_maps
+from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
+from sbe.monitor import remote
+from sbe.patcher import gadget
 
 log = logging.getLogger("sbe")
 

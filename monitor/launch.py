@@ -8,8 +8,8 @@ import os
 import signal
 import stat
 
-from monitor import ptrace_api as pt
-from monitor import seccomp
+from sbe.monitor import ptrace_api as pt
+from sbe.monitor import seccomp
 
 ELF_MAGIC = b"\x7fELF"
 EM_X86_64 = 62

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import signal
 
-from monitor import ptrace_api as pt
-from patcher import gadget
+from sbe.monitor import ptrace_api as pt
+from sbe.patcher import gadget
 
 SYSCALL_INT3 = bytes.fromhex("0f05cc")
 

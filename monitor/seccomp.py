@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import errno
 
-from monitor.ptrace_api import ffi, libc
-from patcher import gadget
+from sbe.monitor.ptrace_api import ffi, libc
+from sbe.patcher import gadget
 
 SYS_seccomp = 317
 SECCOMP_SET_MODE_FILTER = 1

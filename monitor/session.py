@@ -17,20 +17,20 @@ import os
 import signal
 import time
 
-from handlers.dispatch import emulate
-from handlers import cpuid
-from handlers.effect import RESUME, STEP, SYSCALL, SYSCALL32
-from meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE, page_of
-from monitor import ptrace_api as pt
-from monitor import remote, sigframe
-from monitor.image import setup_image
-from monitor.memory import GuestMemory
-from monitor.stats import Stats
-from monitor.syscall_hooks import HOOKS
-from patcher import gadget
-from patcher.space import AddressSpace, PatchPolicy
-from scanner.decode import decode_from
-from scanner.sensitive import classify
+from sbe.handlers.dispatch import emulate
+from sbe.handlers import cpuid
+from sbe.handlers.effect import RESUME, STEP, SYSCALL, SYSCALL32
+from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE, page_of
+from sbe.monitor import ptrace_api as pt
+from sbe.monitor import remote, sigframe
+from sbe.monitor.image import setup_image
+from sbe.monitor.memory import GuestMemory
+from sbe.monitor.stats import Stats
+from sbe.monitor.syscall_hooks import HOOKS
+from sbe.patcher import gadget
+from sbe.patcher.space import AddressSpace, PatchPolicy
+from sbe.scanner.decode import decode_from
+from sbe.scanner.sensitive import classify
 
 log = logging.getLogger("sbe")
 
@@ -94,7 +94,7 @@ class Session:
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> int:
-        from monitor.launch import spawn
+        from sbe.monitor.launch import spawn
         pid = spawn(self.path, self.argv)
         self.first_pid = pid
         thread = Thread(pid, None)

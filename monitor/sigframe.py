@@ -19,10 +19,10 @@ import os
 import signal
 import struct
 
-from handlers.stubs import RED_ZONE
-from monitor import ptrace_api as pt
-from monitor.remote import GuestGone
-from patcher import gadget
+from sbe.patcher.stubs import RED_ZONE
+from sbe.monitor import ptrace_api as pt
+from sbe.monitor.remote import GuestGone
+from sbe.patcher import gadget
 
 # struct rt_sigframe at the handler's rsp: pretcode (8), then ucontext: uc_flags (8),
 # uc_link (8), uc_stack (24), then sigcontext's gregs r8..r15, rdi, rsi, rbp, rbx,

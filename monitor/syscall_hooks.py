@@ -8,9 +8,9 @@ registers as the kernel would leave them).
 """
 from __future__ import annotations
 
-from meta.pagemap import PAGE, PROT_EXEC
-from monitor import ptrace_api as pt
-from monitor import sigframe
+from sbe.meta.pagemap import PAGE, PROT_EXEC
+from sbe.monitor import ptrace_api as pt
+from sbe.monitor import sigframe
 
 SA_RESTORER = 0x04000000
 SIG_IGN = 1

@@ -3,15 +3,15 @@
     [before, relocated] [kind body, fields filled] [after, relocated] jmp -> window end
 
 Displaced instructions are relocated (rip-relative operands re-aimed); the body comes
-from handlers.stubs' templates; branch bodies re-encode the site's own operand as a
+from sbe.patcher.stubs' templates; branch bodies re-encode the site's own operand as a
 load of the target. Everything here is a function of bytes and addresses.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from handlers import stubs
-from handlers.relocate import ScratchInUse, load_operand, relocate
+from sbe.patcher import stubs
+from sbe.patcher.relocate import ScratchInUse, load_operand, relocate
 
 
 class EmitError(ValueError):

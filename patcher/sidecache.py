@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import struct
 
-from handlers.stubs import CPUID_ANY_SUBLEAF, CPUID_END, CPUID_ENTRY
-from meta.module import Mapping
-from meta.pagemap import PAGE
+from sbe.patcher.stubs import CPUID_ANY_SUBLEAF, CPUID_END, CPUID_ENTRY
+from sbe.meta.module import Mapping
+from sbe.meta.pagemap import PAGE
 
 REACH = (1 << 31) - (1 << 24)         # rel32 reach, less a margin for the stub's own size
 GADGET_SLOT, BRANCH_SLOT = 0, 8

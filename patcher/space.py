@@ -21,17 +21,17 @@ from __future__ import annotations
 import os
 import time
 
-from handlers import cpuid as cpuid_model
-from handlers import stubs
-from meta.module import ModuleMap, parse_maps
-from meta.pagemap import PAGE, PROT_EXEC, PROT_READ, PageMap, page_of
-from meta.site import Site, SiteTable
-from patcher import gadget
-from patcher.emit import EmitError, compose
-from patcher.sidecache import SideCache, find_gap
-from scanner.decode import Insn, decode_from
-from scanner.region import scan_page
-from scanner.window import Fallback, plan_windows, targets_of
+from sbe.handlers import cpuid as cpuid_model
+from sbe.patcher import stubs
+from sbe.meta.module import ModuleMap, parse_maps
+from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_READ, PageMap, page_of
+from sbe.meta.site import Site, SiteTable
+from sbe.patcher import gadget
+from sbe.patcher.emit import EmitError, compose
+from sbe.patcher.sidecache import SideCache, find_gap
+from sbe.scanner.decode import Insn, decode_from
+from sbe.scanner.region import scan_page
+from sbe.scanner.window import Fallback, plan_windows, targets_of
 
 INT3 = b"\xcc"
 MAX_INSN = 15

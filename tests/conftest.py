@@ -44,7 +44,7 @@ def run_cmd(argv, *, timeout=60, cwd=None, stdin=None, env=None) -> Result:
 
 
 def sbe_argv(*args) -> list[str]:
-    return [sys.executable, "-m", "monitor", *args]
+    return [sys.executable, "-m", "sbe", *args]
 
 
 def run_sbe(argv, *, mode="emulate", extra=(), **kw) -> Result:

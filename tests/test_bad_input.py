@@ -81,7 +81,7 @@ def test_unwritable_sites_out_keeps_the_guest_status(guests, tmp_path):
 def test_an_internal_failure_is_one_line_and_kills_the_guest(guests, monkeypatch, capsys):
     """If sbe itself fails (here: the image set-up), the user gets one line and
     status 125, not a traceback, and no traced guest is left behind."""
-    from monitor import cli, image, session
+    from sbe.monitor import cli, image, session
 
     def broken(_session, thread):
         broken.tid = thread.tid

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from monitor import cmd_doctor
+from sbe.monitor import cmd_doctor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ os._exit(0 if libc.{function}(*[ctypes.c_long(a) for a in {args!r}]) != -1 else 
 
 
 def sbe(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monitor", *argv], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "sbe", *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from meta.site import Site
-from meta.sitesfile import FIELDS, save
-from monitor.table import format_table
+from sbe.meta.site import Site
+from sbe.meta.sitesfile import FIELDS, save
+from sbe.monitor.table import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ ROWS = [dict(site.to_record(), pid=pid) for pid, site in SITES]
 
 
 def sbe(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monitor", *argv], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "sbe", *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -187,7 +187,7 @@ def test_closed_pipe_is_not_an_error(tmp_path):
     save(path, ["prog"], "emulate", rows)
     # The reader is gone before the command writes anything, as with `| head -1` on a
     # table longer than the pipe holds.
-    proc = subprocess.Popen([sys.executable, "-m", "monitor", "sites", path], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "sbe", "sites", path], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()
     stderr = proc.stderr.read()

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import run_cmd, run_sbe
-from monitor.session import Session
+from sbe.monitor.session import Session
 
 
 def verified(path, *args, mode="emulate"):

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
-from handlers import branch
-from handlers.effect import RESUME, STEP
-from meta.site import Site
+from sbe.handlers import branch
+from sbe.handlers.effect import RESUME, STEP
+from sbe.meta.site import Site
 
 MASK64 = (1 << 64) - 1
 ADDRESS = 0x401000

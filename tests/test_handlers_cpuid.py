@@ -4,10 +4,10 @@ from __future__ import annotations
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
-from handlers import cpuid
-from handlers.effect import RESUME
-from handlers.native import host_cpuid
-from meta.site import Site
+from sbe.handlers import cpuid
+from sbe.handlers.effect import RESUME
+from sbe.handlers.native import host_cpuid
+from sbe.meta.site import Site
 
 ADDRESS = 0x401000
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
-from handlers import cpuid, dispatch, rdtsc
-from handlers.effect import RESUME, STEP, SYSCALL, SYSCALL32
-from handlers.native import host_cpuid
-from meta.site import KINDS, Site
+from sbe.handlers import cpuid, dispatch, rdtsc
+from sbe.handlers.effect import RESUME, STEP, SYSCALL, SYSCALL32
+from sbe.handlers.native import host_cpuid
+from sbe.meta.site import KINDS, Site
 
 ADDRESS = 0x401000
 

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from handlers.native import host_cpuid, host_rdtsc, host_rdtscp
+from sbe.handlers.native import host_cpuid, host_rdtsc, host_rdtscp
 
 
 def cpuinfo(field: str) -> str:

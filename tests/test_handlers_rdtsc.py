@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
-from handlers import rdtsc
-from handlers.effect import RESUME
-from handlers.native import host_rdtsc
-from meta.site import Site
+from sbe.handlers import rdtsc
+from sbe.handlers.effect import RESUME
+from sbe.handlers.native import host_rdtsc
+from sbe.meta.site import Site
 
 ADDRESS = 0x401000
 REGS = {"rax": 0xAAAA_AAAA_AAAA_AAAA, "rcx": 0xCCCC_CCCC_CCCC_CCCC,

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
-from handlers import pkru, privileged, syscall
-from handlers.effect import STEP, SYSCALL, SYSCALL32
-from meta.site import Site
+from sbe.handlers import pkru, privileged, syscall
+from sbe.handlers.effect import STEP, SYSCALL, SYSCALL32
+from sbe.meta.site import Site
 
 ADDRESS = 0x401000
 REGS = {"rax": 60, "rdi": 0, "rsp": 0x7FFF_FFFF_E000, "rip": ADDRESS}

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from meta.site import Site
-from meta.sitesfile import FIELDS, FORMAT, VERSION, SitesFileError, load, save
+from sbe.meta.site import Site
+from sbe.meta.sitesfile import FIELDS, FORMAT, VERSION, SitesFileError, load, save
 
 
 def rows() -> list[dict]:

@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from meta.module import parse_maps
-from meta.pagemap import PAGE
-from monitor.session import Session
+from sbe.meta.module import parse_maps
+from sbe.meta.pagemap import PAGE
+from sbe.monitor.session import Session
 
 
 def own_vdso() -> bytes:

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from scanner.elf import scan_elf
+from sbe.scanner.elf import scan_elf
 
 # Functions with a sensitive instruction each, at global labels so the test can
 # read the exact addresses back from the symbol table. The labels are untyped

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
-import scanner.region
-from scanner.region import scan_page, scan_region
-from scanner.sensitive import classify, direct_target, is_terminator
+import sbe.scanner.region
+from sbe.scanner.region import scan_page, scan_region
+from sbe.scanner.sensitive import classify, direct_target, is_terminator
 
 KS = Ks(KS_ARCH_X86, KS_MODE_64)
 CS = Cs(CS_ARCH_X86, CS_MODE_64)
@@ -289,7 +289,7 @@ def reference_descent(code: bytes, end: int, entries: set[int]):
 def test_descent_matches_instruction_at_a_time_decoding(window, region):
     code, end, entries = region
     # Small windows make the generated code cross many window edges.
-    with patch.object(scanner.region, "_WINDOW", window):
+    with patch.object(sbe.scanner.region, "_WINDOW", window):
         result = scan(code, entries, end=end, sweep=False)
     found, outside = reference_descent(code, end, entries)
     assert result.starts == set(found)

@@ -10,7 +10,7 @@ from capstone import x86_const as x
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scanner.sensitive import (DIRECT_BRANCHES, KIND_BY_MNEMONIC, SENSITIVE, TERMINATORS, classify,
+from sbe.scanner.sensitive import (DIRECT_BRANCHES, KIND_BY_MNEMONIC, SENSITIVE, TERMINATORS, classify,
                                direct_target, is_terminator)
 
 LITE = Cs(CS_ARCH_X86, CS_MODE_64)
@@ -234,7 +234,7 @@ def test_classify(encoding, text, kind):
 
 
 def test_every_kind_is_covered():
-    from meta.site import KINDS
+    from sbe.meta.site import KINDS
     assert {kind for _, _, kind in CLASSIFIED} - {None} == set(KINDS)
     assert set(KIND_BY_MNEMONIC.values()) == set(KINDS)
 

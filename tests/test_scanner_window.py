@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
-from scanner.decode import Insn, decode_from
-from scanner.sensitive import classify, direct_target, is_terminator
-from scanner.window import (BLOCK_TOO_SHORT, EARLIER_WINDOW, END_NOT_BOUNDARY, ENDBR, JMP5,
+from sbe.scanner.decode import Insn, decode_from
+from sbe.scanner.sensitive import classify, direct_target, is_terminator
+from sbe.scanner.window import (BLOCK_TOO_SHORT, EARLIER_WINDOW, END_NOT_BOUNDARY, ENDBR, JMP5,
                             KIND_TRAPS, OTHER_SITE, OVERLAPPING, PAGE_END, PAGE_START,
                             PATCHABLE_KINDS, REASONS, RELATIVE_BRANCH, TARGET_INSIDE, UNDECODED,
                             Fallback, Window, branch_targets, plan_windows)
@@ -594,8 +594,8 @@ def libc_pages(every: int):
     from elftools.elf.constants import P_FLAGS
     from elftools.elf.elffile import ELFFile
 
-    from scanner.elf import _entry_points
-    from scanner.region import scan_region
+    from sbe.scanner.elf import _entry_points
+    from sbe.scanner.region import scan_region
 
     with open(LIBC, "rb") as f:
         elf = ELFFile(f)

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
-from handlers.relocate import NotRelocatable, ScratchInUse, load_operand, relocate, rip_relative
+from sbe.patcher.relocate import NotRelocatable, ScratchInUse, load_operand, relocate, rip_relative
 
 MASK64 = (1 << 64) - 1
 MASK32 = (1 << 32) - 1

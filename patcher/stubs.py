@@ -143,7 +143,7 @@ def branch_parts(is_call: bool, scratch: str) -> tuple[Body, Body]:
     """An indirect jmp/call whose target is checked in the guest against the branch
     table (targets the monitor has validated: decoded instruction starts). The body
     is split around the instruction that loads the target into `scratch`, which is the
-    site's own operand re-encoded (handlers.relocate.load_operand) with rsp biased by
+    site's own operand re-encoded (patcher.relocate.load_operand) with rsp biased by
     BRANCH_BIAS. The check touches no flags (so no pushfq/popfq, the costliest part of
     a stub run on every dispatch of a switch): the slot index is a zero-extending
     movzx, the difference is `not` + `lea`, and `jrcxz` tests it. A hit leaves with

@@ -38,7 +38,7 @@ import struct
 import capstone
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone import x86_const as x86
-from scanner.sensitive import DIRECT_BRANCHES
+from sbe.scanner.sensitive import DIRECT_BRANCHES
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1

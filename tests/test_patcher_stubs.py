@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
-from handlers import stubs
-from patcher.emit import compose
-from scanner.decode import Insn
-from scanner.window import Window
+from sbe.patcher import stubs
+from sbe.patcher.emit import compose
+from sbe.scanner.decode import Insn
+from sbe.scanner.window import Window
 
 CS = Cs(CS_ARCH_X86, CS_MODE_64)
 BODIES = {

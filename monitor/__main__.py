@@ -1,3 +1,0 @@
-from monitor.cli import _entry
-
-_entry()
