@@ -14,14 +14,13 @@ import os
 import platform
 import signal
 
+from sbe.meta.syscalls import SYS
 from sbe.monitor.ptrace_api import (PTRACE_O_EXITKILL, PTRACE_O_TRACESECCOMP, PTRACE_SETOPTIONS,
                                 PTRACE_TRACEME, ffi, libc)
 from sbe.monitor.seccomp import (BPF_RET_K, PR_SET_NO_NEW_PRIVS, SECCOMP_RET_ALLOW,
-                             SECCOMP_SET_MODE_FILTER, SYS_seccomp)
+                             SECCOMP_SET_MODE_FILTER)
 from sbe.monitor.table import emit, format_table
 
-SYS_arch_prctl = 158
-SYS_pkey_alloc = 330
 ARCH_SET_CPUID = 0x1012
 PR_SET_TSC = 26
 PR_TSC_SIGSEGV = 2
@@ -149,7 +148,7 @@ def _install_allow_all() -> int:
     allow[0].k = SECCOMP_RET_ALLOW
     prog = ffi.new("struct sock_fprog *", {"len": 1, "filter": allow})
     mode = ffi.cast("long", SECCOMP_SET_MODE_FILTER)
-    if libc.syscall(SYS_seccomp, mode, ffi.cast("long", 0), prog) == -1:
+    if libc.syscall(SYS.seccomp, mode, ffi.cast("long", 0), prog) == -1:
         return ffi.errno
     return 0
 
@@ -168,13 +167,13 @@ def _check_pku(flags: set[str]) -> tuple[bool, str]:
 
 
 def _pkey_alloc() -> int:
-    if libc.syscall(SYS_pkey_alloc, ffi.cast("long", 0), ffi.cast("long", 0)) == -1:
+    if libc.syscall(SYS.pkey_alloc, ffi.cast("long", 0), ffi.cast("long", 0)) == -1:
         return ffi.errno
     return 0
 
 
 def _cpuid_faulting() -> int:
-    if libc.syscall(SYS_arch_prctl, ffi.cast("long", ARCH_SET_CPUID), ffi.cast("long", 0)) == -1:
+    if libc.syscall(SYS.arch_prctl, ffi.cast("long", ARCH_SET_CPUID), ffi.cast("long", 0)) == -1:
         return ffi.errno
     return 0
 

@@ -14,13 +14,13 @@ import logging
 from elftools.elf.elffile import ELFFile
 
 from sbe.meta.module import parse_maps
+from sbe.meta.syscalls import SYS
 from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
 from sbe.monitor import remote
 from sbe.patcher import gadget
 
 log = logging.getLogger("sbe")
 
-SYS_mmap, SYS_mprotect, SYS_arch_prctl = 9, 10, 158
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 ARCH_SET_CPUID = 0x1012
 
@@ -38,7 +38,7 @@ def setup_image(session, thread) -> None:
     space = thread.space
     mem = space.mem
     space.syscall = session.remote_syscall(thread)
-    result = remote.bootstrap(thread, mem, SYS_mmap, gadget.GADGET_BASE, gadget.GADGET_SIZE,
+    result = remote.bootstrap(thread, mem, SYS.mmap, gadget.GADGET_BASE, gadget.GADGET_SIZE,
                               PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                               -1, 0)
     if result != gadget.GADGET_BASE:
@@ -56,7 +56,7 @@ def setup_image(session, thread) -> None:
         if m.path == "[vdso]":
             continue
         session.stats.remote_syscalls += 1
-        r = remote.inject(thread, SYS_mprotect, m.start, m.end - m.start, prot & ~PROT_EXEC)
+        r = remote.inject(thread, SYS.mprotect, m.start, m.end - m.start, prot & ~PROT_EXEC)
         if r < 0:
             raise SetupError(f"cannot make {m.path or 'code'} at {m.start:#x} non-executable ({r})")
     for m in maps:
@@ -64,7 +64,7 @@ def setup_image(session, thread) -> None:
             scan_vdso(session, space, m.start, m.end)
     if session.cpuid_faulting:
         session.stats.remote_syscalls += 1
-        if remote.inject(thread, SYS_arch_prctl, ARCH_SET_CPUID, 0) < 0:
+        if remote.inject(thread, SYS.arch_prctl, ARCH_SET_CPUID, 0) < 0:
             log.info("CPUID faulting unavailable: a cpuid the scanner misses runs natively")
             session.cpuid_faulting = False
 

@@ -1,18 +1,19 @@
 """The seccomp filter: the kernel net under the scanner, and the syscall policy.
 
 Every syscall is traced to the monitor unless it is issued from the gadget and is not
-one the monitor must see. A syscall instruction the scanner missed therefore still
-stops in the monitor (an *escape*), and a gadget syscall the monitor must see (memory
-mapping, processes, signals, the nets themselves) stops there too.
+one the monitor must see (`MUST_SEE`, derived from meta/syscalls.py's table). A
+syscall instruction the scanner missed therefore still stops in the monitor (an
+*escape*), and a gadget syscall the monitor must see (memory mapping, processes,
+signals, the nets themselves) stops there too.
 """
 from __future__ import annotations
 
 import errno
 
+from sbe.meta.syscalls import MUST_SEE, SYS
 from sbe.monitor.ptrace_api import ffi, libc
 from sbe.patcher import gadget
 
-SYS_seccomp = 317
 SECCOMP_SET_MODE_FILTER = 1
 PR_SET_NO_NEW_PRIVS = 38
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -23,22 +24,12 @@ BPF_LD_W_ABS = 0x20
 BPF_JEQ_K = 0x15
 BPF_RET_K = 0x06
 
-# The syscalls the monitor must see even from the gadget (x86-64 numbers).
-MUST_SEE = {
-    "mmap": 9, "mprotect": 10, "munmap": 11, "rt_sigaction": 13, "rt_sigreturn": 15, "mremap": 25,
-    "shmat": 30, "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "ptrace": 101,
-    "personality": 135, "prctl": 157, "arch_prctl": 158, "process_vm_readv": 310,
-    "process_vm_writev": 311, "seccomp": 317, "execveat": 322, "pkey_mprotect": 329,
-    "pkey_alloc": 330, "pkey_free": 331, "clone3": 435,
-}
-
-
 def program() -> list[tuple[int, int, int, int]]:
     """The BPF program as (code, jt, jf, k) tuples; seccomp_data is
     {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}."""
     emulate_ret, patch_ret = gadget.SYSCALL_RET, gadget.PATCH_RET
     assert emulate_ret >> 32 == patch_ret >> 32
-    numbers = sorted(MUST_SEE.values())
+    numbers = sorted(MUST_SEE)
     n = len(numbers)
     # Layout: 0 ld arch, 1 jeq, 2 ld ip.lo, 3 jeq emulate gadget, 4 jeq patch gadget,
     # 5 ld ip.hi, 6 jeq, 7 ld nr, 8..8+n-1 jeq nr, 8+n ALLOW, 9+n TRACE.
@@ -75,11 +66,11 @@ def install() -> None:
     prog = ffi.new("struct sock_fprog *")
     prog.len = len(insns)
     prog.filter = filt
-    if libc.syscall(SYS_seccomp, ffi.cast("long", SECCOMP_SET_MODE_FILTER), ffi.cast("long", 0), prog) == 0:
+    if libc.syscall(SYS.seccomp, ffi.cast("long", SECCOMP_SET_MODE_FILTER), ffi.cast("long", 0), prog) == 0:
         return
     if ffi.errno != errno.EACCES:
         raise OSError(ffi.errno, "seccomp")
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    if libc.syscall(SYS_seccomp, ffi.cast("long", SECCOMP_SET_MODE_FILTER), ffi.cast("long", 0), prog) != 0:
+    if libc.syscall(SYS.seccomp, ffi.cast("long", SECCOMP_SET_MODE_FILTER), ffi.cast("long", 0), prog) != 0:
         raise OSError(ffi.errno, "seccomp")
 

@@ -20,7 +20,9 @@ import time
 from sbe.handlers.dispatch import emulate
 from sbe.handlers import cpuid
 from sbe.handlers.effect import RESUME, STEP, SYSCALL, SYSCALL32
+from sbe.meta import syscalls
 from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE, page_of
+from sbe.meta.syscalls import SYS
 from sbe.monitor import ptrace_api as pt
 from sbe.monitor import remote, sigframe
 from sbe.monitor.image import setup_image
@@ -37,18 +39,8 @@ log = logging.getLogger("sbe")
 SIGTRAP_SYSCALL = signal.SIGTRAP | 0x80
 SI_KERNEL = 0x80
 SEGV_ACCERR = 2
-SYS_mprotect = 10
 CLONE_VM = 0x100
 CLONE_THREAD = 0x10000
-SYSCALL_NAMES = None
-
-
-def syscall_name(nr: int) -> str:
-    global SYSCALL_NAMES
-    if SYSCALL_NAMES is None:
-        from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES as names
-        SYSCALL_NAMES = names
-    return SYSCALL_NAMES.get(nr, f"syscall_{nr}")
 
 
 class Thread:
@@ -242,7 +234,7 @@ class Session:
         regs = pt.getregs(parent.tid)
         flags = 0
         if event == pt.PTRACE_EVENT_CLONE:
-            if regs.orig_rax == 435:   # clone3: flags are the first field of clone_args
+            if regs.orig_rax == SYS.clone3:   # clone3: flags are the first field of clone_args
                 flags = int.from_bytes(parent.space.mem.read(regs.rdi, 8), "little")
             else:
                 flags = regs.rdi
@@ -462,7 +454,7 @@ class Session:
 
     def protect(self, thread: Thread, page: int, prot: int) -> None:
         self.stats.remote_syscalls += 1
-        result = remote.inject(thread, SYS_mprotect, page, PAGE, prot)
+        result = remote.inject(thread, SYS.mprotect, page, PAGE, prot)
         if result < 0:
             log.warning("mprotect(%#x) in guest %d failed: %s", page, thread.tid, os.strerror(-result))
 
@@ -511,7 +503,7 @@ class Session:
         raw = space.original(insn_at, 2)
         native64 = raw != b"\xcd\x80"
         module, offset = space.modules.locate(insn_at)
-        name = syscall_name(nr) if native64 else f"int80:{nr}"
+        name = syscalls.name(nr) if native64 else f"int80:{nr}"
         self.stats.escapes[name] += 1
         self.stats.escape_sites.append((module, offset, name))
         log.warning("escape: %s at %s+%#x", name, os.path.basename(module), offset)

@@ -8,6 +8,7 @@ registers as the kernel would leave them).
 """
 from __future__ import annotations
 
+from sbe.meta import syscalls
 from sbe.meta.pagemap import PAGE, PROT_EXEC
 from sbe.monitor import ptrace_api as pt
 from sbe.monitor import sigframe
@@ -117,7 +118,5 @@ def rt_sigreturn(session, thread, regs):
     return None
 
 
-HOOKS = {
-    9: mmap, 10: mprotect, 11: munmap, 13: rt_sigaction, 15: rt_sigreturn, 25: mremap,
-    329: mprotect,
-}
+# Which hook runs for which syscall is the syscall table's to say.
+HOOKS = {nr: globals()[hook] for nr, hook in syscalls.HOOKS.items()}

@@ -26,6 +26,7 @@ from sbe.patcher import stubs
 from sbe.meta.module import ModuleMap, parse_maps
 from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_READ, PageMap, page_of
 from sbe.meta.site import Site, SiteTable
+from sbe.meta.syscalls import SYS
 from sbe.patcher import gadget
 from sbe.patcher.emit import EmitError, compose
 from sbe.patcher.sidecache import SideCache, find_gap
@@ -36,7 +37,6 @@ from sbe.scanner.window import Fallback, plan_windows, targets_of
 INT3 = b"\xcc"
 MAX_INSN = 15
 MAX_WINDOW = 2 * MAX_INSN
-SYS_mmap, SYS_mprotect = 9, 10
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 BRANCH_TABLE_SIZE = stubs.BRANCH_TABLE_SLOTS * 8
 
@@ -309,7 +309,7 @@ class AddressSpace:
         if self.syscall is None:
             raise EmitError("no thread to map a side cache with")
         if not self.branch_table:
-            table = self.syscall(SYS_mmap, 0, BRANCH_TABLE_SIZE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            table = self.syscall(SYS.mmap, 0, BRANCH_TABLE_SIZE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             if table < 0:
                 raise EmitError("cannot map the branch table")
             self.branch_table = table
@@ -318,7 +318,7 @@ class AddressSpace:
         place = find_gap(self.modules.maps, start, end, size)
         if place is None:
             raise EmitError("no free memory within reach for a side cache")
-        got = self.syscall(SYS_mmap, place, size, PROT_READ | PROT_EXEC,
+        got = self.syscall(SYS.mmap, place, size, PROT_READ | PROT_EXEC,
                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
         self.maps_changed()
         if got != place:
@@ -347,7 +347,7 @@ class AddressSpace:
             state = self.pages.pages.get(page)
             self.invalidate(page, page + PAGE, untrack=False)
             if state is not None and self.syscall is not None:
-                self.syscall(SYS_mprotect, page, PAGE, state.prot & ~PROT_EXEC & ~2)
+                self.syscall(SYS.mprotect, page, PAGE, state.prot & ~PROT_EXEC & ~2)
 
     def insert_branch_target(self, target: int) -> None:
         if self.branch_table:
