@@ -2,7 +2,7 @@
 
 Decoding an operand with capstone's detail mode costs tens of microseconds, more
 than the rest of a trap's handling, so each site is decoded once into a small
-closure kept in `site.cache`; a trap only evaluates that closure.
+closure kept in `site.decoded`; a trap only evaluates that closure.
 
 Forms whose meaning depends on the CPU or on descriptor tables are not computed
 here but left to run natively (STEP), where they do exactly what they would have
@@ -15,14 +15,13 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_REG
 
 from sbe.handlers.effect import STEP, Effect
+from sbe.scanner.x86 import MASK64, NEAR_CALL, NEAR_JMP
 
-_MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
 
 _DISASSEMBLER = Cs(CS_ARCH_X86, CS_MODE_64)
 _DISASSEMBLER.detail = True
 
-_NEAR_CALL, _NEAR_JMP = 2, 4  # ModRM.reg of opcode 0xFF; 3 and 5 are the far forms
 _OPERAND_SIZE_PREFIX = 0x66
 
 # Capstone names address registers by the address size; the guest's registers are
@@ -62,7 +61,7 @@ def _memory_target(segment, base, index, scale, disp, mask):
         address &= mask
         if segment:
             address += regs[segment]
-        return int.from_bytes(read(address & _MASK64, 8), "little")
+        return int.from_bytes(read(address & MASK64, 8), "little")
     return target
 
 
@@ -72,11 +71,11 @@ def _decode(site):
     if insn is None or insn.opcode[0] != 0xFF:
         return None
     form = insn.modrm >> 3 & 7
-    if form not in (_NEAR_CALL, _NEAR_JMP) or _OPERAND_SIZE_PREFIX in insn.prefix:
+    if form not in (NEAR_CALL, NEAR_JMP) or _OPERAND_SIZE_PREFIX in insn.prefix:
         return None
     operand = insn.operands[0]
     if operand.type == X86_OP_REG:
-        return form == _NEAR_CALL, _register_target(_user_reg(insn.reg_name(operand.reg)))
+        return form == NEAR_CALL, _register_target(_user_reg(insn.reg_name(operand.reg)))
     mem = operand.mem
     segment = _SEGMENT_BASES.get(insn.reg_name(mem.segment)) if mem.segment else None
     base = _user_reg(insn.reg_name(mem.base)) if mem.base else None
@@ -84,15 +83,15 @@ def _decode(site):
     disp = mem.disp
     if base == "rip":  # relative to the next instruction, known now
         base, disp = None, disp + site.end
-    mask = _MASK32 if insn.addr_size == 4 else _MASK64
-    return form == _NEAR_CALL, _memory_target(segment, base, index, mem.scale, disp, mask)
+    mask = _MASK32 if insn.addr_size == 4 else MASK64
+    return form == NEAR_CALL, _memory_target(segment, base, index, mem.scale, disp, mask)
 
 
 def _plan(site):
     try:
-        return site.cache[_CACHE_KEY]
+        return site.decoded[_CACHE_KEY]
     except KeyError:
-        plan = site.cache[_CACHE_KEY] = _decode(site)
+        plan = site.decoded[_CACHE_KEY] = _decode(site)
         return plan
 
 
@@ -115,7 +114,7 @@ def emulate(site, regs, read) -> Effect:
     except OSError:
         return Effect(action=STEP)
     if not is_call:
-        return Effect(regs={"rip": destination})
-    rsp = (regs["rsp"] - 8) & _MASK64
-    return Effect(regs={"rsp": rsp, "rip": destination},
+        return Effect(regs={"rip": destination}, branch_target=destination)
+    rsp = (regs["rsp"] - 8) & MASK64
+    return Effect(regs={"rsp": rsp, "rip": destination}, branch_target=destination,
                   writes=[(rsp, site.end.to_bytes(8, "little"))])

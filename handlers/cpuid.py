@@ -93,4 +93,5 @@ def emulate(site, regs, read, model: CpuModel) -> Effect:
     leaf = regs["rax"] & 0xFFFFFFFF
     subleaf = regs["rcx"] & 0xFFFFFFFF
     eax, ebx, ecx, edx = model.query(leaf, subleaf)
-    return Effect(regs={"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx, "rip": site.end})
+    return Effect(regs={"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx, "rip": site.end},
+                  cpuid_answer=(leaf, subleaf, (eax, ebx, ecx, edx)))

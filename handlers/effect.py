@@ -20,3 +20,6 @@ class Effect:
     regs: dict = field(default_factory=dict)          # register name -> new 64-bit value
     writes: list = field(default_factory=list)        # [(address, bytes)] guest memory to write
     resume: int = 0                                   # for SYSCALL*: where the guest continues after it
+    # Follow-ups the monitor owes the patched guest, so it need not know kinds:
+    branch_target: int | None = None    # an indirect branch lands here: scan it, let stubs go there
+    cpuid_answer: tuple | None = None   # (leaf, subleaf, (eax, ebx, ecx, edx)) a cpuid stub's table can learn

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 PAGE = 4096
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 
 
 def page_of(address: int) -> int:
@@ -22,6 +23,10 @@ def pages_in(start: int, end: int) -> range:
 
 @dataclass
 class PageState:
+    """One code page's life: tracked (the guest mapped it executable) -> entries
+    learned while it is unscanned (`add_entry`) -> scanned (`learn`, again for each
+    extension scan) -> back to unscanned (`reset`: its code changed or its patches
+    moved) or untracked (unmapped, made non-executable)."""
     prot: int                                  # what the guest asked for (incl. PROT_EXEC)
     scanned: bool = False
     starts: set = field(default_factory=set)   # instruction starts found so far
@@ -30,42 +35,72 @@ class PageState:
                                                # arrives there, so no window may cover one
     targets: set = field(default_factory=set)  # landing points the decoded code reveals
 
+    def add_entry(self, address: int) -> None:
+        self.entries.add(address)
+
+    def learn(self, entries, starts, targets) -> None:
+        """A scan from `entries` decoded `starts`, revealing `targets`."""
+        self.scanned = True
+        self.entries.clear()
+        self.roots |= entries
+        self.starts |= starts
+        self.targets |= targets
+
+    def drop_starts(self, false) -> None:
+        """Starts a later scan showed to lie inside real instructions."""
+        self.starts -= false
+
+    def reset(self) -> None:
+        self.scanned = False
+        for learned in (self.starts, self.entries, self.roots, self.targets):
+            learned.clear()
+
     def copy(self) -> "PageState":
         return PageState(self.prot, self.scanned, set(self.starts), set(self.entries),
                          set(self.roots), set(self.targets))
 
 
 class PageMap:
+    """The tracked code pages of one address space, by page address."""
+
     def __init__(self) -> None:
-        self.pages: dict[int, PageState] = {}
+        self._pages: dict[int, PageState] = {}
 
     def track(self, start: int, end: int, prot: int) -> None:
         for page in pages_in(start, end):
-            self.pages[page] = PageState(prot)
+            self._pages[page] = PageState(prot)
 
     def untrack(self, start: int, end: int) -> list[int]:
-        gone = [p for p in pages_in(start, end) if p in self.pages]
+        gone = [p for p in pages_in(start, end) if p in self._pages]
         for p in gone:
-            del self.pages[p]
+            del self._pages[p]
         return gone
 
     def get(self, address: int) -> PageState | None:
-        return self.pages.get(page_of(address))
+        return self._pages.get(page_of(address))
 
     def tracked_in(self, start: int, end: int) -> list[int]:
-        if (end - start) // PAGE < len(self.pages):
-            return [p for p in pages_in(start, end) if p in self.pages]
-        return sorted(p for p in self.pages if start <= p < end)
+        if (end - start) // PAGE < len(self._pages):
+            return [p for p in pages_in(start, end) if p in self._pages]
+        return sorted(p for p in self._pages if start <= p < end)
 
     def add_entry(self, address: int) -> None:
-        state = self.pages.get(page_of(address))
+        """Execution will reach `address`: a scan of its page starts there too."""
+        state = self._pages.get(page_of(address))
         if state is not None and not state.scanned:
-            state.entries.add(address)
+            state.add_entry(address)
+
+    def mark_scanned(self, page: int) -> None:
+        """A page known to hold nothing reachable (the vDSO's headers and data)."""
+        self._pages[page].scanned = True
+
+    def __contains__(self, page: int) -> bool:
+        return page in self._pages
 
     def __len__(self) -> int:
-        return len(self.pages)
+        return len(self._pages)
 
     def copy(self) -> "PageMap":
         twin = PageMap()
-        twin.pages = {p: s.copy() for p, s in self.pages.items()}
+        twin._pages = {p: s.copy() for p, s in self._pages.items()}
         return twin

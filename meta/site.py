@@ -1,18 +1,37 @@
 """Sites: the guest instructions sbe virtualizes, and the table that finds them.
 
 A site is keyed by its guest address while it lives in one address space, and by
-module + offset when it is reported or cached, because a module's base moves from run
+module + offset when it is reported, because a module's base moves from run
 to run (ASLR) while its offsets do not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
+from dataclasses import dataclass, field, replace
+
+from sbe.meta.pagemap import PAGE, page_of
 
 KINDS = ("syscall", "cpuid", "rdtsc", "rdtscp", "pkru", "privileged", "branch")
 STRATEGIES = ("int3", "jmp5")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Patch:
+    """What a jmp5 site's patch is now: the window [window_start, window_end) its
+    5-byte jump overwrites, the original bytes there, and the stub it lands on. A
+    site's identity never changes; its patch is replaced whole (demotion to `int3`
+    is `patch = None`), so no field of an old patch can survive into a new one."""
+    window_start: int
+    window_end: int
+    window_bytes: bytes
+    stub: int
+    stub_size: int
+    trap: int = 0           # the stub's int3 ("emulate the site here"), if it has one
+    resume: int = 0         # where the stub goes on after that trap (0: the handler decides)
+    displaced: tuple = ()   # (stub address, original address) of each displaced instruction
+
+
+@dataclass(eq=False)
 class Site:
     address: int
     size: int
@@ -20,24 +39,18 @@ class Site:
     mnemonic: str
     op_str: str
     original: bytes
-    strategy: str = "int3"
-    reason: str = ""
+    reason: str = ""        # why it is an int3 in patch mode
     module: str = ""
     offset: int = 0
     hits: int = 0
-    # jmp5 only: the window [window_start, window_end) the transfer overwrites, its
-    # original bytes, and the stub it jumps to.
-    window_start: int = 0
-    window_end: int = 0
-    window_bytes: bytes = b""
-    stub: int = 0
-    trap: int = 0       # the stub's int3 ("emulate the site here"), if it has one
-    resume: int = 0     # where the stub goes on after that trap (0: the handler decides)
-    stub_size: int = 0
-    displaced: tuple = ()   # (stub address, original address) of each displaced instruction
-    # Per-kind data a handler derives once (e.g. a branch's decoded operand) and
-    # keeps, so a trap does not decode the instruction again.
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    patch: Patch | None = None   # None: the site is a one-byte int3
+    # What a handler derives once from the instruction (e.g. a branch's operand) and
+    # keeps, so a trap does not decode it again.
+    decoded: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def strategy(self) -> str:
+        return "jmp5" if self.patch is not None else "int3"
 
     @property
     def end(self) -> int:
@@ -49,6 +62,7 @@ class Site:
 
     def to_record(self) -> dict:
         """The site as plain JSON-able data (the sites file's row)."""
+        patch = self.patch
         return {
             "address": self.address,
             "module": self.module,
@@ -60,61 +74,109 @@ class Site:
             "strategy": self.strategy,
             "reason": self.reason,
             "hits": self.hits,
-            "window_start": self.window_start,
-            "window_end": self.window_end,
-            "stub": self.stub,
+            "window_start": patch.window_start if patch else 0,
+            "window_end": patch.window_end if patch else 0,
+            "stub": patch.stub if patch else 0,
         }
 
     @property
     def patched_span(self) -> tuple[int, bytes]:
         """Where the patch lies and the original bytes under it."""
-        if self.strategy == "jmp5":
-            return self.window_start, self.window_bytes
+        if self.patch is not None:
+            return self.patch.window_start, self.patch.window_bytes
         return self.address, self.original[:1]
+
+    def twin(self) -> "Site":
+        """A copy for a forked child (whose memory holds the same patches)."""
+        return replace(self, decoded=dict(self.decoded))
 
 
 class SiteTable:
-    """All sites of one address space, by guest address, with a per-page index so
+    """All sites of one address space: by guest address, with a per-page index so
     range queries (original bytes of a page, invalidation) cost what the range
-    holds, not what the table holds.
+    holds, not what the table holds; and by stub address, so a stub PC (a signal
+    inside a stub, a stub's trap) finds its site without a scan of the table.
 
-    Shared by the threads of the address space; copied for a forked child, whose
-    memory is a copy too.
+    A site's patch changes only through `set_patch`, which keeps the stub indexes
+    true. Shared by the threads of the address space; copied for a forked child,
+    whose memory is a copy too.
     """
-
-    PAGE = 4096
 
     def __init__(self) -> None:
         self._by_address: dict[int, Site] = {}
         self._by_page: dict[int, set[int]] = {}
+        self._stub_starts: list[int] = []      # sorted; stubs never overlap
+        self._by_stub: dict[int, Site] = {}
+        self._by_trap: dict[int, Site] = {}
 
     def add(self, site: Site) -> None:
         self._by_address[site.address] = site
-        self._by_page.setdefault(site.address & ~(self.PAGE - 1), set()).add(site.address)
-
-    def get(self, address: int) -> Site | None:
-        return self._by_address.get(address)
+        self._by_page.setdefault(page_of(site.address), set()).add(site.address)
+        self._index(site)
 
     def remove(self, address: int) -> Site | None:
         site = self._by_address.pop(address, None)
         if site is not None:
-            page = address & ~(self.PAGE - 1)
+            page = page_of(address)
             bucket = self._by_page[page]
             bucket.discard(address)
             if not bucket:
                 del self._by_page[page]
+            self._unindex(site)
         return site
+
+    def set_patch(self, site: Site, patch: Patch | None) -> None:
+        self._unindex(site)
+        site.patch = patch
+        self._index(site)
+
+    def _index(self, site: Site) -> None:
+        patch = site.patch
+        if patch is None or site.address not in self._by_address:
+            return
+        bisect.insort(self._stub_starts, patch.stub)
+        self._by_stub[patch.stub] = site
+        if patch.trap:
+            self._by_trap[patch.trap] = site
+
+    def _unindex(self, site: Site) -> None:
+        patch = site.patch
+        if patch is None or self._by_stub.get(patch.stub) is not site:
+            return
+        del self._by_stub[patch.stub]
+        del self._stub_starts[bisect.bisect_left(self._stub_starts, patch.stub)]
+        self._by_trap.pop(patch.trap, None)
+
+    def get(self, address: int) -> Site | None:
+        return self._by_address.get(address)
+
+    def by_trap(self, address: int) -> Site | None:
+        """The site whose stub's int3 is at `address`."""
+        return self._by_trap.get(address)
+
+    def by_stub(self, address: int) -> Site | None:
+        """The site whose stub holds `address` (stub PC to guest PC, as DynamoRIO's
+        translate does)."""
+        i = bisect.bisect_right(self._stub_starts, address) - 1
+        if i < 0:
+            return None
+        site = self._by_stub[self._stub_starts[i]]
+        return site if address < site.patch.stub + site.patch.stub_size else None
 
     def in_range(self, start: int, end: int) -> list[Site]:
         found = []
-        for page in range(start & ~(self.PAGE - 1), end, self.PAGE):
+        for page in range(page_of(start), end, PAGE):
             for address in self._by_page.get(page, ()):
                 if start <= address < end:
                     found.append(self._by_address[address])
         return sorted(found, key=lambda s: s.address)
 
+    def ordered(self) -> list[Site]:
+        """By address, for reports and for work whose order shows."""
+        return sorted(self._by_address.values(), key=lambda s: s.address)
+
     def __iter__(self):
-        return iter(sorted(self._by_address.values(), key=lambda s: s.address))
+        return iter(list(self._by_address.values()))
 
     def __len__(self) -> int:
         return len(self._by_address)
@@ -125,5 +187,5 @@ class SiteTable:
     def copy(self) -> "SiteTable":
         twin = SiteTable()
         for site in self._by_address.values():
-            twin.add(Site(**{**site.__dict__, "cache": dict(site.cache)}))
+            twin.add(site.twin())
         return twin

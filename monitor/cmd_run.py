@@ -15,7 +15,7 @@ import sys
 
 from sbe.monitor.launch import LaunchError, resolve
 
-log = logging.getLogger("sbe")
+log = logging.getLogger(__name__)
 
 # sbe's own failure, as `timeout` and `env` report theirs: not a status the guest gave.
 SBE_FAILED = 125
@@ -58,7 +58,7 @@ def _size(text: str) -> int:
 
 def policy_from(args):
     from sbe.meta.site import KINDS
-    from sbe.patcher.space import PatchPolicy
+    from sbe.patcher.patcher import PatchPolicy
     kinds = [k for k in args.emulate_kinds.split(",") if k]
     for k in kinds:
         if k not in KINDS:
@@ -86,16 +86,6 @@ def setup_logging(verbose: int, path: str | None) -> None:
     if not path and verbose == 0:
         # Quiet by default: the guest's stderr is the user's.
         root.setLevel(logging.ERROR)
-
-
-def site_rows(session) -> list[dict]:
-    rows = []
-    for space in session.spaces:
-        for site in space.sites:
-            row = site.to_record()
-            row["pid"] = space.pid
-            rows.append(row)
-    return rows
 
 
 def forward_signals(session) -> None:
@@ -136,7 +126,7 @@ def run(args) -> int:
     except ValueError as e:
         print(f"sbe: {e}", file=sys.stderr)
         return 2
-    session = Session(argv, path, mode=args.mode, policy=policy)
+    session = Session(argv, path, mode=args.mode, policy=policy, record_sites=bool(args.sites_out))
     try:
         session.start()
     except LaunchError as e:
@@ -152,7 +142,7 @@ def run(args) -> int:
         return SBE_FAILED
     if args.sites_out:
         try:
-            sitesfile.save(args.sites_out, argv, args.mode, site_rows(session))
+            sitesfile.save(args.sites_out, argv, args.mode, session.site_rows())
         except OSError as e:
             print(f"sbe: cannot write {args.sites_out}: {e.strerror}", file=sys.stderr)
     if args.stats:

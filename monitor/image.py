@@ -14,14 +14,14 @@ import logging
 from elftools.elf.elffile import ELFFile
 
 from sbe.meta.module import parse_maps
+from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
+                              PROT_WRITE)
 from sbe.meta.syscalls import SYS
-from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
 from sbe.monitor import remote
 from sbe.patcher import gadget
 
-log = logging.getLogger("sbe")
+log = logging.getLogger(__name__)
 
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 ARCH_SET_CPUID = 0x1012
 
 
@@ -37,7 +37,6 @@ def prot_of(perms: str) -> int:
 def setup_image(session, thread) -> None:
     space = thread.space
     mem = space.mem
-    space.syscall = session.remote_syscall(thread)
     result = remote.bootstrap(thread, mem, SYS.mmap, gadget.GADGET_BASE, gadget.GADGET_SIZE,
                               PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                               -1, 0)
@@ -61,7 +60,7 @@ def setup_image(session, thread) -> None:
             raise SetupError(f"cannot make {m.path or 'code'} at {m.start:#x} non-executable ({r})")
     for m in maps:
         if m.path == "[vdso]":
-            scan_vdso(session, space, m.start, m.end)
+            scan_vdso(session, space, m.start, m.end, session.remote(thread))
     if session.cpuid_faulting:
         session.stats.remote_syscalls += 1
         if remote.inject(thread, SYS.arch_prctl, ARCH_SET_CPUID, 0) < 0:
@@ -82,12 +81,12 @@ def vdso_entries(image: bytes, base: int) -> set[int]:
     return entries
 
 
-def scan_vdso(session, space, start: int, end: int) -> None:
+def scan_vdso(session, space, start: int, end: int, remote) -> None:
     """The vDSO stays executable (mprotect on it fails), so it is scanned whole now.
     Its pages with no code left unscanned by the entries are marked scanned too:
     they hold the ELF headers and data, and nothing else is reachable."""
     for entry in sorted(vdso_entries(space.mem.read(start, end - start), start)):
         if start <= entry < end:
-            session.plant_count(space.scan(entry))
+            session.plant_count(session.patcher.scan(space, entry, remote))
     for page in range(start, end, PAGE):
-        space.pages.pages[page].scanned = True
+        space.pages.mark_scanned(page)

@@ -10,6 +10,7 @@ import stat
 
 from sbe.monitor import ptrace_api as pt
 from sbe.monitor import seccomp
+from sbe.monitor.waiting import GuestGone, next_status
 
 ELF_MAGIC = b"\x7fELF"
 EM_X86_64 = 62
@@ -79,8 +80,9 @@ def spawn(path: str, argv: list[str]) -> int:
         except BaseException as e:  # noqa: BLE001 - report and leave, whatever it was
             os.write(2, f"sbe: {argv[0]}: {e}\n".encode())
         os._exit(127)
-    _, status = os.waitpid(pid, pt.WALL)
-    if not os.WIFSTOPPED(status):
-        raise LaunchError(f"{argv[0]}: could not start under ptrace", 126)
+    try:
+        next_status(pid)
+    except GuestGone:
+        raise LaunchError(f"{argv[0]}: could not start under ptrace", 126) from None
     pt.setoptions(pid)
     return pid

@@ -9,22 +9,11 @@ for the thread and delivered afterwards.
 """
 from __future__ import annotations
 
-import os
-import signal
-
 from sbe.monitor import ptrace_api as pt
+from sbe.monitor.waiting import is_trap, run_until
 from sbe.patcher import gadget
 
 SYSCALL_INT3 = bytes.fromhex("0f05cc")
-
-
-class GuestGone(Exception):
-    """The thread died (e.g. SIGKILL) while the monitor was using it."""
-
-    def __init__(self, tid: int, status: int) -> None:
-        super().__init__(f"task {tid} ended")
-        self.tid = tid
-        self.status = status
 
 
 def inject(thread, nr: int, *args: int, at: int | None = None) -> int:
@@ -39,24 +28,9 @@ def inject(thread, nr: int, *args: int, at: int | None = None) -> int:
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
         setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
     pt.setregs(tid, regs)
-    pt.resume(tid)
     trap_rip = regs.rip + 3
-    while True:
-        _, status = os.waitpid(tid, pt.WALL)
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            raise GuestGone(tid, status)
-        sig = os.WSTOPSIG(status)
-        event = status >> 16
-        if event == pt.PTRACE_EVENT_SECCOMP:
-            pt.resume(tid)
-            continue
-        if sig == signal.SIGTRAP and event == 0:
-            out = pt.getregs(tid)
-            if out.rip == trap_rip:
-                break
-        if event == 0 and sig != signal.SIGTRAP:
-            thread.pending_signals.append(sig)
-        pt.resume(tid)
+    out = pt.new_regs()
+    run_until(thread, pt.PTRACE_CONT, lambda status: is_trap(status) and pt.getregs(tid, out).rip == trap_rip)
     result = out.rax
     pt.setregs(tid, saved)
     return result - (1 << 64) if result >= 1 << 63 else result

@@ -9,16 +9,21 @@ Stops and their meaning:
 - fork/vfork/clone/exec events: new tasks and new images.
 - anything else: a signal for the guest, delivered as natively, with any gadget
   address in the thread's state translated back to the site it stands for.
+
+Every stop handler returns how the thread goes on (a Resume), or None to leave it
+stopped; `loop` applies it in one place, so no handler can forget to resume.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import time
+from typing import NamedTuple
 
-from sbe.handlers.dispatch import emulate
 from sbe.handlers import cpuid
+from sbe.handlers.dispatch import emulate
 from sbe.handlers.effect import RESUME, STEP, SYSCALL, SYSCALL32
 from sbe.meta import syscalls
 from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE, page_of
@@ -29,60 +34,75 @@ from sbe.monitor.image import setup_image
 from sbe.monitor.memory import GuestMemory
 from sbe.monitor.stats import Stats
 from sbe.monitor.syscall_hooks import HOOKS
+from sbe.monitor.waiting import GuestGone, reap_killed, run_until
 from sbe.patcher import gadget
-from sbe.patcher.space import AddressSpace, PatchPolicy
+from sbe.patcher.patcher import INT3, Patcher, PatchPolicy
+from sbe.patcher.space import AddressSpace
 from sbe.scanner.decode import decode_from
-from sbe.scanner.sensitive import classify
+from sbe.scanner.x86 import MASK64
 
-log = logging.getLogger("sbe")
+log = logging.getLogger(__name__)
 
 SIGTRAP_SYSCALL = signal.SIGTRAP | 0x80
-SI_KERNEL = 0x80
 SEGV_ACCERR = 2
 CLONE_VM = 0x100
 CLONE_THREAD = 0x10000
 
 
-class Thread:
-    __slots__ = ("tid", "space", "gadget", "post", "pending_signals", "fresh", "last_rip",
-                 "frames")
+class Resume(NamedTuple):
+    """How a stopped thread goes on: with `sig` delivered, by `request` (None: the
+    session's usual one, which also delivers a signal kept for the thread)."""
+    sig: int = 0
+    request: int | None = None
 
-    def __init__(self, tid: int, space: AddressSpace | None) -> None:
+
+class GadgetReturn(NamedTuple):
+    """A thread running a site's syscall in the gadget: where to put it back to run
+    the syscall again (a signal's restart), and where it goes on after it."""
+    site: object
+    restart: int
+    resume: int
+
+
+class Thread:
+    __slots__ = ("tid", "space", "gadget", "post", "pending_signals", "fresh", "frames",
+                 "signal_handlers")
+
+    def __init__(self, tid: int, space: AddressSpace | None, signal_handlers: dict | None = None) -> None:
         self.tid = tid
         self.space = space
-        # While this thread runs a site's syscall in the gadget: (site, restart, resume):
-        # where to put it back to run the syscall again, and where to go on after it.
-        self.gadget = None
+        self.gadget: GadgetReturn | None = None
         self.post = None             # hook to run at the syscall-exit stop
         self.pending_signals: list[int] = []
         self.fresh = True            # its first stop (SIGSTOP of a new task) is ours
-        self.last_rip = None         # verify mode: the instruction about to run
         self.frames: list = []       # signal frames shown a translated view (sigframe.py)
+        # signal -> handler address (rt_sigaction), shared by the threads of a process
+        self.signal_handlers = signal_handlers if signal_handlers is not None else {}
 
 
 class Session:
+    RESUME_REQUEST = pt.PTRACE_CONT
+
     def __init__(self, argv: list[str], path: str, *, mode: str = "patch",
-                 verify: bool = False, trap_hook=None, policy: PatchPolicy | None = None) -> None:
+                 policy: PatchPolicy | None = None, record_sites: bool = False) -> None:
         self.argv = argv
         self.path = path
         self.mode = mode
-        self.policy = policy or PatchPolicy()
         self.switch_requested = False
         self.switches: list[str] = []
         self.kicks = 0                            # SIGSTOPs sent to get a guest task to stop
-        self.verify = verify
-        self.trap_hook = trap_hook
         self.threads: dict[int, Thread] = {}
-        self.early: dict[int, int] = {}
+        self.early: dict[int, int] = {}           # stops of new tasks, ahead of their parent's event
         self.stats = Stats()
         self.cpu = cpuid.HOST
+        self.patcher = Patcher(policy, self.cpu, self.stats.patching)
         self.cpuid_faulting = True                # tried at each exec until it fails once
         self.first_pid = 0
         self.exit_status: int | None = None
-        self.spaces: list[AddressSpace] = []      # every image ever run, for the site report
-        self.violations: list[str] = []           # verify mode: containment failures
-        self.stepped = 0                          # verify mode: instructions single-stepped
-        self.cont_request = pt.PTRACE_SINGLESTEP if verify else pt.PTRACE_CONT
+        self.spaces: dict[AddressSpace, int] = {}   # live spaces, with their order of birth
+        self.born = 0
+        self.record_sites = record_sites
+        self.site_records: list[tuple[int, list[dict]]] = []   # of spaces gone, if recorded
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> int:
@@ -106,16 +126,9 @@ class Session:
             self.loop()
         finally:
             if self.threads:
-                self.kill_all()
+                reap_killed(list(self.threads))
+                self.threads.clear()
             self.stats.wall_seconds = time.perf_counter() - t0
-            for space in self.spaces:
-                self.stats.pages_scanned += space.pages_scanned
-                self.stats.scan_seconds += space.scan_seconds
-                self.stats.stub_seconds += space.stub_seconds
-                self.stats.swept += space.swept
-                self.stats.fallbacks.update(space.fallbacks)
-                self.stats.flushes += space.flushes
-                self.stats.false_sites += space.false_sites
             self.stats.switches = list(self.switches)
         return self.exit_status if self.exit_status is not None else 1
 
@@ -129,37 +142,37 @@ class Session:
             thread = self.threads.get(tid)
             if thread is None:
                 if os.WIFSTOPPED(status):
-                    self.early[tid] = status   # a new task, ahead of its parent's event
+                    self.early[tid] = status
                 continue
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self.reap(thread, status)
                 continue
             try:
-                self.on_stop(thread, status)
-            except (remote.GuestGone, pt.PtraceError) as e:
-                # The task died under us (SIGKILL, exit of its group): its exit
-                # status arrives through waitpid like any other.
+                self.apply(thread, self.on_stop(thread, status))
+            except GuestGone as e:
+                # Its end was consumed by a wait for that task alone: reap it here.
+                if e.tid in self.threads:
+                    self.reap(self.threads[e.tid], e.status)
+            except pt.PtraceError as e:
+                if e.errno != errno.ESRCH:
+                    raise
+                # Killed under us (SIGKILL, its group's exit): its end is still to
+                # come through waitpid like any other.
                 log.debug("task %d vanished: %s", tid, e)
 
-    def kill_all(self) -> None:
-        """sbe is giving up (an error of its own): kill every task and reap it, so
-        nothing traced is left running or as a zombie."""
-        tids = list(self.threads)
-        pt.kill_tree(tids)
-        for tid in tids:
-            try:
-                while True:
-                    _, status = os.waitpid(tid, pt.WALL)
-                    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                        break
-            except ChildProcessError:
-                pass
-        self.threads.clear()
+    def apply(self, thread: Thread, decision: Resume | None) -> None:
+        if decision is None:
+            return
+        sig, request = decision
+        if request is None:
+            if sig == 0 and thread.pending_signals:
+                sig = thread.pending_signals.pop(0)
+            request = self.RESUME_REQUEST
+        pt.resume(thread.tid, sig, request)
 
     def reap(self, thread: Thread, status: int) -> None:
         del self.threads[thread.tid]
-        if thread.space is not None:
-            thread.space.users.discard(thread.tid)
+        self.leave(thread)
         if thread.tid == self.first_pid:
             if os.WIFEXITED(status):
                 self.exit_status = os.WEXITSTATUS(status)
@@ -167,74 +180,93 @@ class Session:
                 self.exit_status = 128 + os.WTERMSIG(status)
                 log.info("guest killed by %s", signal.Signals(os.WTERMSIG(status)).name)
 
-    def cont(self, thread: Thread, sig: int = 0, request: int | None = None) -> None:
-        if sig == 0 and thread.pending_signals:
-            sig = thread.pending_signals.pop(0)
-        pt.resume(thread.tid, sig, request if request is not None else self.cont_request)
+    def adopt(self, space: AddressSpace) -> None:
+        self.spaces[space] = self.born
+        self.born += 1
+
+    def leave(self, thread: Thread) -> None:
+        """The thread no longer runs in its space: the space's last task gone, its
+        sites are summarised (if asked for) and its memory file closed."""
+        space = thread.space
+        if space is None:
+            return
+        space.users.discard(thread.tid)
+        if not space.users and space in self.spaces:
+            born = self.spaces.pop(space)
+            if self.record_sites:
+                self.site_records.append((born, self.records_of(space)))
+            space.close()
+
+    @staticmethod
+    def records_of(space: AddressSpace) -> list[dict]:
+        return [dict(site.to_record(), pid=space.pid) for site in space.sites.ordered()]
+
+    def site_rows(self) -> list[dict]:
+        """Every process's sites (those gone and those still here), in the order the
+        processes' images were born."""
+        live = [(born, self.records_of(space)) for space, born in self.spaces.items()]
+        return [row for _, rows in sorted(self.site_records + live, key=lambda r: r[0]) for row in rows]
 
     # -- dispatch --------------------------------------------------------------
-    def on_stop(self, thread: Thread, status: int) -> None:
+    def on_stop(self, thread: Thread, status: int) -> Resume | None:
         sig = os.WSTOPSIG(status)
         event = status >> 16
         if event:
-            self.on_event(thread, event)
-        elif sig == SIGTRAP_SYSCALL:
+            return self.on_event(thread, event)
+        if sig == SIGTRAP_SYSCALL:
             post, thread.post = thread.post, None
             if post is not None:
                 post(pt.getregs(thread.tid))
-            self.cont(thread)
-        elif sig == signal.SIGTRAP:
-            self.on_sigtrap(thread)
-        elif sig == signal.SIGSTOP and thread.fresh:
+            return Resume()
+        if sig == signal.SIGTRAP:
+            return self.on_sigtrap(thread)
+        if sig == signal.SIGSTOP and thread.fresh:
             thread.fresh = False
-            self.cont(thread)
-        elif sig == signal.SIGSTOP and self.kicks:
+            return Resume()
+        if sig == signal.SIGSTOP and self.kicks:
             # The stop a mode switch asked for: at an instruction boundary, not at
             # a trap the old plant caused.
             self.kicks -= 1
             if self.switch_requested:
                 self.switch_modes(thread)
-            self.cont(thread)
-        elif sig == signal.SIGSEGV and thread.space is not None:
-            self.on_sigsegv(thread)
-        else:
-            self.deliver(thread, sig)
+            return Resume()
+        if sig == signal.SIGSEGV and thread.space is not None:
+            return self.on_sigsegv(thread)
+        return self.deliver(thread, sig)
 
-    def on_event(self, thread: Thread, event: int) -> None:
+    def on_event(self, thread: Thread, event: int) -> Resume | None:
         if event == pt.PTRACE_EVENT_SECCOMP:
-            self.on_seccomp(thread)
-        elif event == pt.PTRACE_EVENT_EXEC:
-            self.on_exec(thread)
-        elif event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
-            self.on_new_task(thread, event)
-        else:
-            self.cont(thread)
+            return self.on_seccomp(thread)
+        if event == pt.PTRACE_EVENT_EXEC:
+            return self.on_exec(thread)
+        if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
+            return self.on_new_task(thread, event)
+        return Resume()
 
     # -- images and tasks ------------------------------------------------------
-    def on_exec(self, thread: Thread) -> None:
+    def on_exec(self, thread: Thread) -> Resume:
         """A fresh image: old tables go, the new one is set up at the exec's
         syscall-exit stop (the exec has returned there, so injected syscalls are not
         overwritten by its result)."""
-        if thread.space is not None:
-            thread.space.users.discard(thread.tid)
-        space = AddressSpace(GuestMemory(thread.tid), thread.tid, self.mode, self.policy, self.cpu)
+        self.leave(thread)
+        space = AddressSpace(GuestMemory(thread.tid), thread.tid, self.mode)
         space.users.add(thread.tid)
-        self.spaces.append(space)
+        self.adopt(space)
         thread.space = space
         thread.gadget = None
-        thread.last_rip = None
+        thread.signal_handlers = {}
 
         def post(_regs):
             setup_image(self, thread)
         thread.post = post
-        pt.resume(thread.tid, 0, pt.PTRACE_SYSCALL)
+        return Resume(request=pt.PTRACE_SYSCALL)
 
-    def on_new_task(self, parent: Thread, event: int) -> None:
+    def on_new_task(self, parent: Thread, event: int) -> Resume:
         child_tid = pt.geteventmsg(parent.tid)
         regs = pt.getregs(parent.tid)
         flags = 0
         if event == pt.PTRACE_EVENT_CLONE:
-            if regs.orig_rax == SYS.clone3:   # clone3: flags are the first field of clone_args
+            if regs.orig_rax == SYS.clone3:   # flags are the first field of clone_args
                 flags = int.from_bytes(parent.space.mem.read(regs.rdi, 8), "little")
             else:
                 flags = regs.rdi
@@ -243,104 +275,90 @@ class Session:
             space = parent.space
         else:
             space = parent.space.fork(GuestMemory(child_tid), child_tid)
-            self.spaces.append(space)
+            self.adopt(space)
         space.users.add(child_tid)
-        child = Thread(child_tid, space)
-        child.gadget = parent.gadget
-        self.threads[child_tid] = child
         if flags & CLONE_THREAD:
+            child = Thread(child_tid, space, parent.signal_handlers)
             self.stats.threads += 1
         else:
+            child = Thread(child_tid, space, dict(parent.signal_handlers))
             self.stats.processes += 1
+        child.gadget = parent.gadget
+        self.threads[child_tid] = child
         early = self.early.pop(child_tid, None)
         if early is not None:
-            self.on_stop(child, early)
-        self.cont(parent)
+            self.apply(child, self.on_stop(child, early))
+        return Resume()
 
     # -- traps -----------------------------------------------------------------
-    def on_sigtrap(self, thread: Thread) -> None:
+    def on_sigtrap(self, thread: Thread) -> Resume | None:
         space = thread.space
         regs = pt.getregs(thread.tid)
         rip = regs.rip
-        if self.verify and space is not None:
-            info = pt.getsiginfo(thread.tid)
-            if info.si_code != SI_KERNEL:
-                self.verify_step(thread, rip)
-                self.cont(thread)
-                return
         site = None
         if space is not None:
             site = space.sites.get(rip - 1)
-            if site is not None and site.strategy != "int3":
+            if site is not None and site.patch is not None:
                 site = None
-            site = site or space.stub_traps.get(rip - 1)
+            site = site or space.sites.by_trap(rip - 1)
         if site is not None:
-            self.on_site(thread, site, regs)
-        elif rip in (gadget.SYSCALL_TRAP, gadget.INT80_TRAP) and thread.gadget is not None:
-            (site, _, resume), thread.gadget = thread.gadget, None
-            regs.rip = resume
+            return self.on_site(thread, site, regs)
+        if rip in (gadget.SYSCALL_TRAP, gadget.INT80_TRAP) and thread.gadget is not None:
+            done, thread.gadget = thread.gadget, None
+            regs.rip = done.resume
             if rip == gadget.SYSCALL_TRAP:
-                regs.rcx = site.end    # what the site's own syscall would have left
+                regs.rcx = done.site.end    # what the site's own syscall would have left
             pt.setregs(thread.tid, regs)
-            thread.last_rip = None
-            self.cont(thread)
-        else:
-            self.deliver(thread, signal.SIGTRAP)
+            return Resume()
+        return self.deliver(thread, signal.SIGTRAP)
 
-    def on_site(self, thread: Thread, site, regs) -> None:
-        """A trap at a site's int3, or at its stub's int3 (site.trap): the guest's
+    def on_site(self, thread: Thread, site, regs) -> Resume | None:
+        """A trap at a site's int3, or at its stub's int3 (patch.trap): the guest's
         registers are as at the site; emulate it and go on after it (site.end, or
         the stub's continuation)."""
         t0 = time.perf_counter()
         space = thread.space
-        in_stub = regs.rip - 1 == site.trap
+        patch = site.patch
+        in_stub = patch is not None and regs.rip - 1 == patch.trap
         site.hits += 1
         self.stats.traps[site.kind] += 1
         regs.rip = site.address
         effect = emulate(site, pt.Regs(regs), space.mem.read, self.cpu)
-        thread.last_rip = None
+        decision = Resume()
         if effect.action == RESUME:
-            leaf, subleaf = regs.rax & 0xFFFFFFFF, regs.rcx & 0xFFFFFFFF
             for name, value in effect.regs.items():
-                setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
+                setattr(regs, name, value & MASK64)
             for address, data in effect.writes:
                 space.mem.write(address, data)
-            if site.kind == "branch":
-                self.branch_target(thread, space, regs.rip)
+            if effect.branch_target is not None:
+                self.branch_target(thread, space, effect.branch_target)
             elif in_stub:
-                regs.rip = site.resume
-                if site.kind == "cpuid":
-                    space.cpuid_learned(site, leaf, subleaf,
-                                        tuple(effect.regs[r] for r in ("rax", "rbx", "rcx", "rdx")))
+                regs.rip = patch.resume
+                if effect.cpuid_answer is not None:
+                    self.patcher.cpuid_learned(space, site, *effect.cpuid_answer)
             pt.setregs(thread.tid, regs)
         elif effect.action in (SYSCALL, SYSCALL32):
-            if in_stub:
-                thread.gadget = (site, site.trap, site.resume)
-            else:
-                thread.gadget = (site, site.address, site.end)
+            thread.gadget = (GadgetReturn(site, patch.trap, patch.resume) if in_stub
+                             else GadgetReturn(site, site.address, site.end))
             regs.rip = gadget.SYSCALL if effect.action == SYSCALL else gadget.INT80
             pt.setregs(thread.tid, regs)
         elif effect.action == STEP:
             pt.setregs(thread.tid, regs)
-            self.step_original(thread, site)
-            self.stats.trap_seconds += time.perf_counter() - t0
-            return
+            decision = self.step_original(thread, site)
         self.stats.trap_seconds += time.perf_counter() - t0
-        if self.trap_hook is not None and self.trap_hook(self, thread) is False:
-            return
-        self.cont(thread)
+        return decision
 
     def branch_target(self, thread: Thread, space: AddressSpace, target: int) -> None:
         """An emulated branch is about to land on `target`: make sure the scanner has
         seen it, and let the guest's branch stubs go there without a trap from now on."""
-        space.syscall = self.remote_syscall(thread)
         if not space.knows(target):
-            self.plant_count(space.scan(target, avoid=self.thread_rips(space),
-                                        exclusive=len(space.users) == 1))
+            self.plant_count(self.patcher.scan(space, target, self.remote(thread), self.thread_rips(space),
+                                               exclusive=len(space.users) == 1))
         if space.pages.get(target) is not None:
-            space.insert_branch_target(target)
+            self.patcher.insert_branch_target(space, target)
 
-    def remote_syscall(self, thread: Thread):
+    def remote(self, thread: Thread):
+        """The capability to run syscalls in `thread` (stopped), for the patcher."""
         def call(nr, *args):
             self.stats.remote_syscalls += 1
             return remote.inject(thread, nr, *args)
@@ -353,7 +371,7 @@ class Session:
         for t in self.threads.values():
             if t.space is space:
                 if t.gadget is not None:
-                    rips.update(t.gadget[1:])   # where it restarts, where it goes on
+                    rips.update((t.gadget.restart, t.gadget.resume))
                 try:
                     rip = pt.getregs(t.tid).rip
                 except pt.PtraceError:
@@ -378,74 +396,59 @@ class Session:
         """Re-plant every site of this thread's address space in the other mode.
         Needs every thread of the space stopped: with one thread it is, at its stop."""
         space = thread.space
+        self.switch_requested = False
         if space is None or len(space.users) != 1:
             log.warning("mode switch skipped: it needs every thread stopped, and this "
                         "address space has %d", len(space.users) if space else 0)
-            self.switch_requested = False
             return
-        self.switch_requested = False
         new = "emulate" if self.mode == "patch" else "patch"
         self.mode = new
-        space.syscall = self.remote_syscall(thread)
-        count = space.replant(new, self.thread_rips(space))
+        count = self.patcher.replant(space, new, self.thread_rips(space), self.remote(thread))
         self.switches.append(new)
         log.info("switched to %s mode: %d sites re-planted", new, count)
 
-    def step_original(self, thread: Thread, site) -> None:
+    def step_original(self, thread: Thread, site) -> Resume | None:
         """Run a site's original instruction natively once: for what the monitor
         does not emulate, the CPU's own behaviour (including its faults) is exact."""
         space = thread.space
-        space.unplant(site)
+        self.patcher.unplant(space, site)
         try:
-            pt.resume(thread.tid, 0, pt.PTRACE_SINGLESTEP)
-            while True:
-                _, status = os.waitpid(thread.tid, pt.WALL)
-                if not os.WIFSTOPPED(status):
-                    raise remote.GuestGone(thread.tid, status)
-                sig, event = os.WSTOPSIG(status), status >> 16
-                if event == pt.PTRACE_EVENT_SECCOMP:
-                    pt.resume(thread.tid, 0, pt.PTRACE_SINGLESTEP)
-                    continue
-                break
+            status = run_until(thread, pt.PTRACE_SINGLESTEP,
+                               lambda s: s >> 16 != pt.PTRACE_EVENT_SECCOMP)
         finally:
             if site.address in space.sites:
-                space.mem.write(site.address, b"\xcc")
-        if sig == signal.SIGTRAP:
-            self.cont(thread)
-        else:
-            self.deliver(thread, sig)
+                space.mem.write(site.address, INT3)
+        sig = os.WSTOPSIG(status)
+        return Resume() if sig == signal.SIGTRAP else self.deliver(thread, sig)
 
-    def on_sigsegv(self, thread: Thread) -> None:
+    def on_sigsegv(self, thread: Thread) -> Resume | None:
         space = thread.space
         info = pt.getsiginfo(thread.tid)
         addr = info.u.fault.addr
         regs = pt.getregs(thread.tid)
         state = space.pages.get(addr)
         fetch = regs.rip <= addr < regs.rip + 16
-        thread.last_rip = None
         if state is not None and fetch and not state.scanned:
             t0 = time.perf_counter()
             entry = regs.rip
-            space.syscall = self.remote_syscall(thread)
             if page_of(regs.rip) != page_of(addr):
                 # An instruction straddling into this page: its end is the entry here.
                 insn = next(decode_from(space.original(regs.rip, 16), regs.rip, regs.rip), None)
                 entry = regs.rip + insn.size if insn else page_of(addr)
-            self.plant_count(space.scan(entry, avoid=self.thread_rips(space),
-                                        exclusive=len(space.users) == 1))
+            self.plant_count(self.patcher.scan(space, entry, self.remote(thread), self.thread_rips(space),
+                                               exclusive=len(space.users) == 1))
             self.grant(thread, page_of(addr), state.prot)
             self.stats.faults += 1
             self.stats.fault_seconds += time.perf_counter() - t0
-            self.cont(thread)
-        elif (state is not None and state.scanned and state.prot & PROT_WRITE
-              and info.si_code == SEGV_ACCERR and not fetch):
+            return Resume()
+        if (state is not None and state.scanned and state.prot & PROT_WRITE
+                and info.si_code == SEGV_ACCERR and not fetch):
             # A write to code the guest mapped writable: its patches go, it is
             # rescanned at its next fetch.
-            space.invalidate(addr, addr + 1, untrack=False)
+            self.patcher.invalidate(space, addr, addr + 1, untrack=False)
             self.protect(thread, page_of(addr), state.prot & ~PROT_EXEC)
-            self.cont(thread)
-        else:
-            self.deliver(thread, signal.SIGSEGV)
+            return Resume()
+        return self.deliver(thread, signal.SIGSEGV)
 
     def grant(self, thread: Thread, page: int, prot: int) -> None:
         """Make a scanned page executable; never writable at the same time, so a
@@ -453,8 +456,7 @@ class Session:
         self.protect(thread, page, (prot & ~PROT_WRITE) | PROT_EXEC)
 
     def protect(self, thread: Thread, page: int, prot: int) -> None:
-        self.stats.remote_syscalls += 1
-        result = remote.inject(thread, SYS.mprotect, page, PAGE, prot)
+        result = self.remote(thread)(SYS.mprotect, page, PAGE, prot)
         if result < 0:
             log.warning("mprotect(%#x) in guest %d failed: %s", page, thread.tid, os.strerror(-result))
 
@@ -469,17 +471,15 @@ class Session:
         state = space.pages.get(address)
         if state is None:
             return
-        if state.scanned:
-            if not space.knows(address):
-                self.plant_count(space.scan(address))
-        else:
-            state.entries.add(address)
+        if not state.scanned:
+            space.pages.add_entry(address)
+        elif not space.knows(address):
+            self.plant_count(self.patcher.scan(space, address))
 
     # -- syscalls --------------------------------------------------------------
-    def on_seccomp(self, thread: Thread) -> None:
+    def on_seccomp(self, thread: Thread) -> Resume:
         if thread.space is None:      # before the first exec: sbe's own child code
-            self.cont(thread)
-            return
+            return Resume()
         self.stats.syscall_stops += 1
         regs = pt.getregs(thread.tid)
         nr, ip = regs.orig_rax, regs.rip
@@ -488,11 +488,10 @@ class Session:
             native64 = self.on_escape(thread, nr, ip)
         hook = HOOKS.get(nr) if native64 else None
         post = hook(self, thread, regs) if hook is not None else None
-        if post is not None:
-            thread.post = post
-            pt.resume(thread.tid, 0, pt.PTRACE_SYSCALL)
-        else:
-            self.cont(thread)
+        if post is None:
+            return Resume()
+        thread.post = post
+        return Resume(request=pt.PTRACE_SYSCALL)
 
     def on_escape(self, thread: Thread, nr: int, ip: int) -> bool:
         """A syscall from an instruction no site covers: caught by the net, counted,
@@ -511,7 +510,7 @@ class Session:
             self.learn_entry(space, insn_at)
         return native64
 
-    def deliver(self, thread: Thread, sig: int) -> None:
+    def deliver(self, thread: Thread, sig: int) -> Resume:
         """Deliver a signal as natively: if the thread stands in the gadget, its
         state is first put back at the site it runs for (a handler must never see a
         gadget address, and a restarted syscall must restart at the site)."""
@@ -526,31 +525,7 @@ class Session:
                 regs.rip = resume
             pt.setregs(thread.tid, regs)
             thread.gadget = None
-        thread.last_rip = None
         if thread.space is not None and thread.space.caches and sigframe.deliver_translated(
                 thread, thread.space, sig):
-            self.cont(thread)
-            return
-        self.cont(thread, sig)
-
-    # -- verification (tests) --------------------------------------------------
-    def verify_step(self, thread: Thread, rip: int) -> None:
-        """Single-step containment check: the instruction that just ran natively lay
-        in a scanned page and was not a sensitive one."""
-        self.stepped += 1
-        ran, thread.last_rip = thread.last_rip, rip
-        space = thread.space
-        if ran is None or gadget.contains(ran) or space.in_cache(ran):
-            return
-        state = space.pages.get(ran)
-        if state is None or not state.scanned:
-            self.violations.append(f"{ran:#x}: ran from an unscanned page")
-            return
-        if ran not in state.starts:
-            self.violations.append(f"{ran:#x}: ran at an offset no scan decoded")
-            return
-        if space.window_starting_at(ran) is not None:
-            return   # what ran there is the jump to the site's stub
-        insn = next(decode_from(space.original(ran, 16), ran, ran), None)
-        if insn is not None and classify(insn.mnemonic, insn.op_str):
-            self.violations.append(f"{ran:#x}: sensitive `{insn.mnemonic} {insn.op_str}` ran natively")
+            return Resume()
+        return Resume(sig)

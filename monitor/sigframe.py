@@ -15,13 +15,12 @@ mode switch, a cache flush) is shown as it is.
 """
 from __future__ import annotations
 
-import os
 import signal
 import struct
 
 from sbe.patcher.stubs import RED_ZONE
 from sbe.monitor import ptrace_api as pt
-from sbe.monitor.remote import GuestGone
+from sbe.monitor.waiting import is_trap, run_until
 from sbe.patcher import gadget
 
 # struct rt_sigframe at the handler's rsp: pretcode (8), then ucontext: uc_flags (8),
@@ -49,9 +48,9 @@ def guest_view(space, regs, sig: int) -> dict | None:
     site = space.site_of_stub(rip)
     if site is None:
         return None
-    if rip == site.trap:
+    if rip == site.patch.trap:
         return {"rip": site.address}
-    for stub_address, original in site.displaced:
+    for stub_address, original in site.patch.displaced:
         if stub_address == rip:
             return {"rip": original}
     return None
@@ -66,15 +65,9 @@ def walk_out(thread, space) -> None:
         if rip in (gadget.PATCH, gadget.PATCH_RET) or not space.in_cache(rip):
             return
         site = space.site_of_stub(rip)
-        if site is None or rip == site.trap or any(a == rip for a, _ in site.displaced):
+        if site is None or rip == site.patch.trap or any(a == rip for a, _ in site.patch.displaced):
             return
-        pt.resume(thread.tid, 0, pt.PTRACE_SINGLESTEP)
-        _, status = os.waitpid(thread.tid, pt.WALL)
-        if not os.WIFSTOPPED(status):
-            raise GuestGone(thread.tid, status)
-        sig = os.WSTOPSIG(status)
-        if sig != signal.SIGTRAP and status >> 16 == 0:
-            thread.pending_signals.append(sig)
+        run_until(thread, pt.PTRACE_SINGLESTEP, is_trap)
 
 
 def deliver_translated(thread, space, sig: int) -> bool:
@@ -87,19 +80,9 @@ def deliver_translated(thread, space, sig: int) -> bool:
         walk_out(thread, space)
         regs = pt.getregs(thread.tid)
     view = guest_view(space, regs, sig)
-    if view is None or space.handlers.get(sig, 0) <= 1:
+    if view is None or thread.signal_handlers.get(sig, 0) <= 1:
         return False     # nothing to show, or no handler to show it to
-    pt.resume(thread.tid, sig, pt.PTRACE_SINGLESTEP)
-    while True:
-        _, status = os.waitpid(thread.tid, pt.WALL)
-        if not os.WIFSTOPPED(status):
-            raise GuestGone(thread.tid, status)
-        stopped = os.WSTOPSIG(status)
-        if stopped == signal.SIGTRAP and status >> 16 == 0:
-            break
-        if status >> 16 == 0:
-            thread.pending_signals.append(stopped)
-        pt.resume(thread.tid, 0, pt.PTRACE_SINGLESTEP)
+    run_until(thread, pt.PTRACE_SINGLESTEP, is_trap, sig)
     frame = pt.getregs(thread.tid).rsp + MCONTEXT
     real = {}
     for name, value in view.items():

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from sbe.patcher.patcher import PatchCosts
+
 
 @dataclass
 class Stats:
@@ -20,19 +22,13 @@ class Stats:
     trap_seconds: float = 0.0
     fault_seconds: float = 0.0
     faults: int = 0
-    pages_scanned: int = 0
-    scan_seconds: float = 0.0
-    swept: int = 0
     remote_syscalls: int = 0
     syscall_stops: int = 0
     processes: int = 0
     threads: int = 0
     wall_seconds: float = 0.0
-    stub_seconds: float = 0.0
-    fallbacks: Counter = field(default_factory=Counter)   # why a site stayed int3 in patch mode
     switches: list = field(default_factory=list)          # modes switched to, in order
-    flushes: int = 0
-    false_sites: int = 0      # sites later found to lie inside a real instruction, undone
+    patching: PatchCosts = field(default_factory=PatchCosts)   # counted by the Patcher
 
     def as_dict(self) -> dict:
         traps = sum(self.traps.values())
@@ -47,19 +43,19 @@ class Stats:
             "trap_us": round(1e6 * self.trap_seconds / traps, 2) if traps else None,
             "fetch_faults": self.faults,
             "fault_us": round(1e6 * self.fault_seconds / self.faults, 2) if self.faults else None,
-            "pages_scanned": self.pages_scanned,
-            "scan_ms": round(1e3 * self.scan_seconds, 2),
-            "swept_insns": self.swept,
+            "pages_scanned": self.patching.pages_scanned,
+            "scan_ms": round(1e3 * self.patching.scan_seconds, 2),
+            "swept_insns": self.patching.swept,
             "remote_syscalls": self.remote_syscalls,
             "syscall_stops": self.syscall_stops,
             "processes": self.processes,
             "threads": self.threads,
             "wall_s": round(self.wall_seconds, 4),
-            "stub_ms": round(1e3 * self.stub_seconds, 2),
-            "fallbacks": dict(self.fallbacks),
+            "stub_ms": round(1e3 * self.patching.stub_seconds, 2),
+            "fallbacks": dict(self.patching.fallbacks),
             "switches": list(self.switches),
-            "cache_flushes": self.flushes,
-            "false_sites": self.false_sites,
+            "cache_flushes": self.patching.flushes,
+            "false_sites": self.patching.false_sites,
         }
 
     def render(self) -> str:
@@ -72,13 +68,13 @@ class Stats:
         lines.append("  strategies: " + (", ".join(f"{k} {v}" for k, v in sorted(self.strategies.items())) or "none"))
         esc = sum(self.escapes.values())
         lines.append(f"  escapes: {esc}" + (" (" + ", ".join(f"{k} {v}" for k, v in self.escapes.items()) + ")" if esc else ""))
-        lines.append(f"  pages scanned: {self.pages_scanned} in {d['scan_ms']} ms ({self.swept} insns by linear sweep)")
+        lines.append(f"  pages scanned: {self.patching.pages_scanned} in {d['scan_ms']} ms ({self.patching.swept} insns by linear sweep)")
         lines.append(f"  monitor cost per site trap: {d['trap_us']} us; per fetch fault: {d['fault_us']} us")
         lines.append(f"  ptrace stops: {self.stops} (syscall stops {self.syscall_stops}, remote syscalls {self.remote_syscalls})")
-        if self.fallbacks:
-            lines.append("  int3 in patch mode: " + ", ".join(f"{v} {k}" for k, v in self.fallbacks.most_common()))
-        lines.append(f"  stub generation: {d['stub_ms']} ms; side cache flushes: {self.flushes}; "
-                     f"false sites undone: {self.false_sites}")
+        if self.patching.fallbacks:
+            lines.append("  int3 in patch mode: " + ", ".join(f"{v} {k}" for k, v in self.patching.fallbacks.most_common()))
+        lines.append(f"  stub generation: {d['stub_ms']} ms; side cache flushes: {self.patching.flushes}; "
+                     f"false sites undone: {self.patching.false_sites}")
         if self.switches:
             lines.append("  mode switches: " + " -> ".join(self.switches))
         lines.append(f"  processes: {self.processes}, threads: {self.threads}, wall: {d['wall_s']} s")

@@ -36,7 +36,7 @@ def mmap(session, thread, regs):
         space.maps_changed()
         if _failed(out.rax):
             return
-        space.invalidate(out.rax, out.rax + length, untrack=True)
+        session.patcher.invalidate(space, out.rax, out.rax + length, untrack=True)
         if prot & PROT_EXEC:
             space.pages.track(out.rax, out.rax + length, prot)
             out.rdx = prot
@@ -48,7 +48,7 @@ def mprotect(session, thread, regs):
     start, length, prot = regs.rdi, _span(regs.rsi), regs.rdx
     space = thread.space
     # The guest may be about to write: the original bytes go back first.
-    space.invalidate(start, start + length, untrack=False)
+    session.patcher.invalidate(space, start, start + length, untrack=False)
     if not prot & PROT_EXEC and not space.pages.tracked_in(start, start + length):
         return None
     if prot & PROT_EXEC:
@@ -72,7 +72,7 @@ def munmap(session, thread, regs):
     def post(out):
         thread.space.maps_changed()
         if not _failed(out.rax):
-            thread.space.invalidate(start, start + length, untrack=True)
+            session.patcher.invalidate(thread.space, start, start + length, untrack=True)
     return post
 
 
@@ -80,8 +80,8 @@ def mremap(session, thread, regs):
     old, old_len, new_len = regs.rdi, _span(regs.rsi), _span(regs.rdx)
     space = thread.space
     moved = space.pages.tracked_in(old, old + old_len)
-    prot = space.pages.pages[moved[0]].prot if moved else 0
-    space.invalidate(old, old + old_len, untrack=False)
+    prot = space.pages.get(moved[0]).prot if moved else 0
+    session.patcher.invalidate(space, old, old + old_len, untrack=False)
 
     def post(out):
         space.maps_changed()
@@ -102,7 +102,7 @@ def rt_sigaction(session, thread, regs):
             handler = int.from_bytes(raw[0:8], "little")
             flags = int.from_bytes(raw[8:16], "little")
             restorer = int.from_bytes(raw[16:24], "little")
-            thread.space.handlers[regs.rdi] = handler
+            thread.signal_handlers[regs.rdi] = handler
             if handler > SIG_IGN:
                 session.learn_entry(thread.space, handler)
             if flags & SA_RESTORER and restorer:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from .decode import Insn, decode_from
 from .sensitive import classify, direct_target, is_terminator
+from .x86 import MAX_INSN
 
-_LONGEST = 15   # bytes in the longest x86 instruction
 _WINDOW = 1024  # bytes handed to capstone at a time
 _SWEEP_ROUNDS = 4  # sweep, descend from what the sweep branches to, sweep what is left
 
@@ -59,7 +59,7 @@ class _Decoded:
 
     def cut_off(self, address: int) -> bool:
         """Whether capstone failing at `address` may just be for want of bytes."""
-        return address + _LONGEST > self._limit
+        return address + MAX_INSN > self._limit
 
     def _linear(self, address: int) -> Iterator[Insn]:
         # decode_from over windows rather than all remaining bytes: capstone decodes a
@@ -68,7 +68,7 @@ class _Decoded:
         # bytes are left to the next window, which sees all of their bytes.
         while True:
             stop = min(address + _WINDOW, self._limit)
-            trusted = stop if stop == self._limit else stop - _LONGEST
+            trusted = stop if stop == self._limit else stop - MAX_INSN
             window = self._code[address - self._base:stop - self._base]
             for insn in decode_from(window, address, address):
                 if insn.address >= trusted:

@@ -36,9 +36,9 @@ from itertools import accumulate
 
 from .decode import Insn, decode_from
 from .sensitive import classify, direct_target, is_terminator
+from .x86 import MAX_INSN
 
 JMP5 = 5        # bytes of `jmp rel32`, the least a window holds
-_LONGEST = 15   # bytes in the longest x86 instruction
 _CHUNK = 256    # bytes handed to capstone at a time when decoding runs of starts
 
 PATCHABLE_KINDS = frozenset({"syscall", "cpuid", "rdtsc", "rdtscp", "branch"})
@@ -184,7 +184,7 @@ class _Planner:
             offset = address - self.base
             insn = None
             if 0 <= offset < len(self.code):
-                insn = next(decode_from(self.code[offset:offset + _LONGEST], address, address), None)
+                insn = next(decode_from(self.code[offset:offset + MAX_INSN], address, address), None)
             self._at[address] = insn
         return self._at[address]
 
@@ -282,7 +282,7 @@ class _Planner:
 
     def _previous(self, address: int) -> Insn | None:
         """The decoded instruction that ends at `address`, the nearest if several do."""
-        for start in range(address - 1, max(self.base, address - _LONGEST) - 1, -1):
+        for start in range(address - 1, max(self.base, address - MAX_INSN) - 1, -1):
             if start in self.starts:
                 insn = self.at(start)
                 if insn is not None and insn.end == address:
@@ -325,7 +325,7 @@ class _Planner:
         for address in range(start + 1, end):
             if address in self.starts and address not in boundaries:
                 return OVERLAPPING
-        for address in range(start - _LONGEST + 1, start):
+        for address in range(start - MAX_INSN + 1, start):
             if address in self.starts:
                 insn = self.at(address)
                 if insn is None or insn.end > start:

@@ -27,9 +27,6 @@ class Result:
 
 
 def run_cmd(argv, *, timeout=60, cwd=None, stdin=None, env=None) -> Result:
-    if env is None and argv[:3] == sbe_argv()[:3]:
-        # sbe from this checkout, whatever the working directory of the guest.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             cwd=cwd, env=env, start_new_session=True)
@@ -44,6 +41,7 @@ def run_cmd(argv, *, timeout=60, cwd=None, stdin=None, env=None) -> Result:
 
 
 def sbe_argv(*args) -> list[str]:
+    """sbe from this checkout (installed editable), whatever the guest's directory."""
     return [sys.executable, "-m", "sbe", *args]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sbe.meta.site import Site
+from sbe.meta.site import Patch, Site
 from sbe.meta.sitesfile import FIELDS, save
 from sbe.monitor.table import format_table
 
@@ -25,9 +25,9 @@ SITES = [
                module="/usr/bin/prog", offset=0x1000, hits=12)),
     (100, Site(0x401008, 2, "syscall", "syscall", "", bytes.fromhex("0f05"),
                module="/usr/bin/prog", offset=0x1008, hits=40)),
-    (100, Site(0x7F00_0002_9000, 2, "cpuid", "cpuid", "", bytes.fromhex("0fa2"), strategy="jmp5",
+    (100, Site(0x7F00_0002_9000, 2, "cpuid", "cpuid", "", bytes.fromhex("0fa2"),
                module="/usr/lib/x86_64-linux-gnu/libc.so.6", offset=0x29000, hits=3,
-               window_start=0x7F00_0002_8FFD, window_end=0x7F00_0002_9002, stub=0x7F00_1000_0040)),
+               patch=Patch(0x7F00_0002_8FFD, 0x7F00_0002_9002, b"", 0x7F00_1000_0040, 0))),
     (100, Site(0x7F00_0002_9100, 2, "rdtsc", "rdtsc", "", bytes.fromhex("0f31"),
                reason="window would cross a branch target",
                module="/usr/lib/x86_64-linux-gnu/libc.so.6", offset=0x29100, hits=500)),

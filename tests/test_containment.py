@@ -8,11 +8,11 @@ import json
 import pytest
 
 from conftest import run_cmd, run_sbe
-from sbe.monitor.session import Session
+from verifying import VerifyingSession
 
 
 def verified(path, *args, mode="emulate"):
-    session = Session([str(path), *args], str(path), verify=True, mode=mode)
+    session = VerifyingSession([str(path), *args], str(path), mode=mode)
     status = session.run()
     return session, status
 

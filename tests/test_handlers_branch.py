@@ -189,7 +189,7 @@ def test_operand_is_decoded_once(monkeypatch):
     regs = base_regs() | {"rbx": 0x600000, "rsi": 2}
     memory = Memory({0x600028: TARGET})
     assert branch.branch_target(site, regs, memory) == TARGET
-    assert "branch" in site.cache
+    assert "branch" in site.decoded
 
     class NoDecoding:
         def disasm(self, *args):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sbe.meta.site import Site
+from sbe.meta.site import Patch, Site
 from sbe.meta.sitesfile import FIELDS, FORMAT, VERSION, SitesFileError, load, save
 
 
@@ -14,7 +14,7 @@ def rows() -> list[dict]:
     sites = [
         Site(0x401000, 2, "syscall", "syscall", "", bytes.fromhex("0f05"),
              module="/usr/bin/prog", offset=0x1000, hits=7),
-        Site(0x7F12_3456_7000, 2, "cpuid", "cpuid", "", bytes.fromhex("0fa2"), strategy="jmp5",
+        Site(0x7F12_3456_7000, 2, "cpuid", "cpuid", "", bytes.fromhex("0fa2"), patch=Patch(0, 0, b"", 0, 0),
              module="/usr/lib/libc.so.6", offset=0x27000, hits=1),
         Site(0x401020, 3, "branch", "jmp", "qword ptr [rax]", bytes.fromhex("ff2000"),
              reason="no safe window", module="/usr/bin/prog", offset=0x1020),

@@ -95,3 +95,16 @@ def test_sigterm_to_sbe_reaches_the_guest(mode):
             os.killpg(proc.pid, signal.SIGKILL)
     assert rest == b"got TERM\n"
     assert proc.returncode == 5
+
+
+@pytest.mark.timeout(900)
+def test_many_short_processes_with_few_open_files():
+    """1,500 subshells under one sbe, with 64 open files allowed: what a process held
+    in the monitor (its memory file, its address space) goes when it does, or a
+    build or a configure script would run sbe out of file descriptors."""
+    script = 'i=0; while [ $i -lt 1500 ]; do (exit 3) || i=$((i+1)); done; echo "$i children"'
+    limited = ["/bin/sh", "-c", 'ulimit -n 64 && exec "$@"', "sh"]
+    native = run_cmd([*limited, "/bin/sh", "-c", script])
+    virt = run_cmd([*limited, *sbe_argv("run", "--", "/bin/sh", "-c", script)], timeout=850)
+    assert native.stdout == b"1500 children\n"
+    assert (virt.stdout, virt.status) == (native.stdout, native.status), virt.stderr[-2000:]

@@ -9,7 +9,7 @@ import pytest
 
 from sbe.meta.module import parse_maps
 from sbe.meta.pagemap import PAGE
-from sbe.monitor.session import Session
+from verifying import TrapHookSession
 
 
 def own_vdso() -> bytes:
@@ -34,11 +34,11 @@ def test_restore_all_gives_back_the_image(guests, mode):
         patched = sum(1 for s in space.sites if space.mem.read(s.patched_span[0], 1) in (b"\xcc", b"\xe9"))
         assert patched == len(space.sites)
         assert (mode == "patch") == any(s.strategy == "jmp5" for s in space.sites)
-        space.restore_all()
+        session.patcher.restore_all(space)
         with open(f"/proc/{thread.tid}/maps") as f:
             maps = parse_maps(f.read())
         for m in maps:
-            tracked = [p for p in range(m.start, m.end, PAGE) if p in space.pages.pages]
+            tracked = [p for p in range(m.start, m.end, PAGE) if p in space.pages]
             if not tracked:
                 continue
             if m.path == "[vdso]":
@@ -54,7 +54,7 @@ def test_restore_all_gives_back_the_image(guests, mode):
         os.kill(thread.tid, signal.SIGKILL)
         return False
 
-    session = Session([path], path, trap_hook=hook, mode=mode)
+    session = TrapHookSession([path], path, hook=hook, mode=mode)
     session.run()
     assert any(p.endswith("libc.so.6") for p in checked)
     assert any(p.endswith("libc_dynamic") for p in checked)

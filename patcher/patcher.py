@@ -1,0 +1,349 @@
+"""The patcher: applies scan results to a live address space and undoes them.
+
+Duties, and when they run (each act is handed the AddressSpace it works on, and,
+where it may have to map memory in the guest, the remote-syscall capability of a
+stopped thread of that space, as rr's Monkeypatcher is handed AutoRemoteSyscalls):
+- scan a page at its first fetch (or extend a scanned page when execution reaches an
+  offset no scan has seen), turn each site into a Site with its original bytes, and
+  plant it: an `int3` (emulate mode, or a site with no safe window), or a `jmp rel32`
+  over its window into a stub in a side cache (patch mode);
+- lay out side caches and retire full ones; keep the branch table and the stubs'
+  cpuid tables up to date;
+- invalidate a range before the guest changes it (original bytes back, sites dropped,
+  pages back to unscanned);
+- re-plant every site in the other mode (a live mode switch);
+- restore every patch, leaving code byte-identical to the unpatched image.
+
+Atomicity: a `jmp5` window is written only while its page is non-executable (its
+first scan: no thread can be running it), or with every thread of the space stopped
+and none inside the window (a mode switch). Sites found later in a page that already
+runs get an `int3`: a one-byte store is atomic.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sbe.handlers import cpuid as cpuid_model
+from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
+                              PROT_WRITE, page_of)
+from sbe.meta.site import Patch, Site
+from sbe.meta.syscalls import SYS
+from sbe.patcher import gadget, stubs
+from sbe.patcher.emit import EmitError, compose
+from sbe.patcher.sidecache import SideCache, find_gap
+from sbe.patcher.space import MAX_WINDOW, AddressSpace
+from sbe.scanner.decode import Insn
+from sbe.scanner.region import scan_page
+from sbe.scanner.window import Fallback, plan_windows, targets_of
+from sbe.scanner.x86 import MAX_INSN
+
+INT3 = b"\xcc"
+BRANCH_TABLE_SIZE = stubs.BRANCH_TABLE_SLOTS * 8
+STUB_ROOM = 512          # the most one stub can take
+
+
+class PatchPolicy:
+    """Which sites patch mode leaves as traps: whole kinds, or single sites named
+    module+offset (a module's basename or full path)."""
+
+    def __init__(self, emulate_kinds=(), emulate_sites=(), cache_size: int = 1 << 20) -> None:
+        self.emulate_kinds = frozenset(emulate_kinds)
+        self.emulate_sites = frozenset(emulate_sites)
+        self.cache_size = cache_size
+
+    def forced(self, kind: str, module: str, offset: int) -> bool:
+        return (kind in self.emulate_kinds or (module, offset) in self.emulate_sites
+                or (os.path.basename(module), offset) in self.emulate_sites)
+
+
+@dataclass
+class PatchCosts:
+    """What patching cost and how it went, over every space of a run."""
+    scan_seconds: float = 0.0
+    stub_seconds: float = 0.0
+    pages_scanned: int = 0
+    swept: int = 0
+    fallbacks: Counter = field(default_factory=Counter)   # why a site stayed int3
+    flushes: int = 0
+    false_sites: int = 0
+
+
+class Patcher:
+    def __init__(self, policy: PatchPolicy | None = None, cpu=None, costs: PatchCosts | None = None) -> None:
+        self.policy = policy or PatchPolicy()
+        self.cpu = cpu or cpuid_model.HOST
+        self.costs = costs if costs is not None else PatchCosts()
+
+    # -- scanning and planting -------------------------------------------------
+    def scan(self, space: AddressSpace, address: int, remote=None, avoid: frozenset = frozenset(),
+             exclusive: bool = False) -> list[Site]:
+        """Scan (or extend the scan of) the page holding `address`, from `address`
+        and the entries learned for that page; plant what it finds. Entries found
+        for other pages are recorded there, or extend those pages if already scanned.
+        `remote`: syscalls in a stopped thread of the space, to map side caches with
+        (without it, sites that would need a new cache stay `int3`).
+        `avoid`: addresses no new window may hold strictly inside (threads' rips).
+        `exclusive`: every thread of the space is stopped, so windows may be written
+        even in pages that already run. Returns the sites planted."""
+        new_sites: list[Site] = []
+        work = [address]
+        while work:
+            target = work.pop()
+            state = space.pages.get(target)
+            if state is None:
+                continue
+            inside = space.window_around(target)
+            if inside is not None:
+                self.demote(space, inside, "branch target inside window")
+            if state.scanned and target in state.starts:
+                continue
+            planted, outside = self._scan_one(space, target, state, remote, avoid, exclusive)
+            new_sites += planted
+            work += self._outside(space, outside)
+        return new_sites
+
+    def _scan_one(self, space, target, state, remote, avoid, exclusive) -> tuple[list[Site], list[int]]:
+        """One page's scan from `target`: the sites planted, and the entries it found
+        in other pages."""
+        page = page_of(target)
+        fresh = not state.scanned
+        entries = (state.entries | {target}) if fresh else {target}
+        t0 = time.perf_counter()
+        code = space.original(page, PAGE + MAX_INSN)
+        result = scan_page(code, page, entries, known=state.starts, sweep=fresh)
+        self.costs.scan_seconds += time.perf_counter() - t0
+        if fresh:
+            self.costs.pages_scanned += 1
+        else:
+            self._drop_false_sites(space, state, result.insns)
+        state.learn(entries, result.starts, targets_of(result.insns))
+        self.costs.swept += result.swept
+        found = [(i, k) for i, k in result.sites if i.address not in space.sites]
+        if space.mode == "patch" and (fresh or exclusive):
+            targets = state.targets | state.roots | avoid
+            plans = plan_windows(code, page, page + PAGE, state.starts, found, targets)
+        else:
+            reason = "emulate mode" if space.mode == "emulate" else "found after its page ran"
+            plans = [Fallback(i, k, reason) for i, k in found]
+        return [self.plant(space, plan, code, page, remote) for plan in plans], result.outside
+
+    @staticmethod
+    def _outside(space, outside) -> list[int]:
+        """Entries a scan found in other pages: recorded there, or to be scanned now
+        when their page already runs."""
+        more = []
+        for out in outside:
+            other = space.pages.get(out)
+            if other is None:
+                continue
+            if other.scanned:
+                if out not in other.starts or space.window_around(out) is not None:
+                    more.append(out)
+            else:
+                other.add_entry(out)
+        return more
+
+    def _drop_false_sites(self, space, state, insns) -> None:
+        """An extension scan starts where execution really goes, so its decoding is
+        ground truth: an earlier start (and site) strictly inside one of its
+        instructions came from decoding out of step (a call's fall-through into
+        padding, say) and is dropped, its patch undone."""
+        interior = set()
+        for insn in insns:
+            interior.update(range(insn.address + 1, insn.end))
+        false = interior & state.starts
+        if not false:
+            return
+        state.drop_starts(false)
+        for address in false:
+            site = space.sites.get(address)
+            if site is not None:
+                self.unplant(space, site)
+                space.sites.remove(address)
+                self.costs.false_sites += 1
+
+    def plant(self, space: AddressSpace, plan, code: bytes, base: int, remote=None) -> Site:
+        insn, kind = plan.site, plan.kind
+        module, offset = space.modules.locate(insn.address)
+        raw = code[insn.address - base:insn.address - base + insn.size]
+        site = Site(insn.address, insn.size, kind, insn.mnemonic, insn.op_str, raw,
+                    module=module, offset=offset)
+        if isinstance(plan, Fallback):
+            site.reason = plan.reason
+        elif self.policy.forced(kind, module, offset):
+            site.reason = "forced to emulate"
+        else:
+            try:
+                self._plant_jmp5(space, site, plan, code[plan.start - base:plan.end - base], remote)
+                return site
+            except EmitError as e:
+                site.reason = str(e)
+        self.costs.fallbacks[site.reason] += 1
+        space.mem.write(site.address, INT3)
+        space.sites.add(site)
+        return site
+
+    def _plant_jmp5(self, space, site: Site, window, window_bytes: bytes, remote) -> None:
+        t0 = time.perf_counter()
+        cache = self.cache_for(space, window.start, window.end, remote)
+        stub = compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
+                       window, window_bytes, cache.next, cache)
+        if not cache.room(len(stub.code)):
+            raise EmitError("side cache full")
+        at = cache.take(len(stub.code))
+        space.mem.write(at, stub.code)
+        site.patch = Patch(
+            window.start, window.end, window_bytes, at, len(stub.code),
+            trap=at + stub.trap if stub.trap is not None else 0,
+            resume=at + stub.resume if stub.resume is not None else 0,
+            displaced=tuple((at + off, orig) for off, orig in stub.displaced))
+        space.mem.write(window.start, stubs.jmp5(window.start, at) + INT3 * (window.end - window.start - 5))
+        space.sites.add(site)
+        self.costs.stub_seconds += time.perf_counter() - t0
+
+    def unplant(self, space: AddressSpace, site: Site) -> None:
+        """Put the original bytes back under the site's patch (the site stays in the
+        table; its caller decides what it becomes)."""
+        start, raw = site.patched_span
+        space.mem.write(start, raw)
+
+    def demote(self, space: AddressSpace, site: Site, reason: str) -> None:
+        """Turn a jmp5 site back into a trap: something will run inside its window."""
+        self.unplant(space, site)
+        space.sites.set_patch(site, None)
+        site.reason = reason
+        self.costs.fallbacks[reason] += 1
+        space.mem.write(site.address, INT3)
+
+    # -- side caches -----------------------------------------------------------
+    def cache_for(self, space: AddressSpace, start: int, end: int, remote) -> SideCache:
+        for cache in space.caches:
+            if cache.room(STUB_ROOM) and cache.reaches(start, end):
+                return cache
+        full = [c for c in space.caches if not c.retired and c.reaches(start, end)]
+        for cache in full:
+            self.retire(space, cache, page_of(start), remote)
+        return self.new_cache(space, start, end, remote)
+
+    def new_cache(self, space: AddressSpace, start: int, end: int, remote) -> SideCache:
+        if remote is None:
+            raise EmitError("no thread to map a side cache with")
+        if not space.branch_table:
+            table = remote(SYS.mmap, 0, BRANCH_TABLE_SIZE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            if table < 0:
+                raise EmitError("cannot map the branch table")
+            space.branch_table = table
+            space.maps_changed()
+        size = self.policy.cache_size
+        place = find_gap(space.modules.maps, start, end, size)
+        if place is None:
+            raise EmitError("no free memory within reach for a side cache")
+        got = remote(SYS.mmap, place, size, PROT_READ | PROT_EXEC,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        space.maps_changed()
+        if got != place:
+            raise EmitError(f"cannot map a side cache at {place:#x}")
+        cache = SideCache(place, size)
+        space.mem.write(place, cache.header(gadget.PATCH, space.branch_table, self.cpuid_rows()))
+        space.caches.append(cache)
+        return cache
+
+    def cpuid_rows(self):
+        for (leaf, subleaf), regs in sorted(self.cpu.table().items()):
+            any_subleaf = leaf not in cpuid_model.SUBLEAF_LEAVES
+            if any_subleaf and subleaf:
+                continue
+            yield (leaf, subleaf, any_subleaf, regs)
+
+    def retire(self, space: AddressSpace, cache: SideCache, keep: int, remote) -> None:
+        """A full cache: no new stubs go there, and the pages it serves are
+        invalidated so they re-plant into a new cache at their next fetch. Its memory
+        stays as it is: a thread may be inside one of its stubs."""
+        cache.retired = True
+        self.costs.flushes += 1
+        pages = {page_of(s.address) for s in space.sites
+                 if s.patch is not None and cache.start <= s.patch.stub < cache.start + cache.size}
+        for page in sorted(pages - {keep}):
+            state = space.pages.get(page)
+            self.invalidate(space, page, page + PAGE, untrack=False)
+            if state is not None and remote is not None:
+                remote(SYS.mprotect, page, PAGE, state.prot & ~PROT_EXEC & ~PROT_WRITE)
+
+    def insert_branch_target(self, space: AddressSpace, target: int) -> None:
+        """Let branch stubs go to `target` without a trap from now on."""
+        if space.branch_table:
+            slot = space.branch_table + 8 * (target % stubs.BRANCH_TABLE_SLOTS)
+            space.mem.write(slot, target.to_bytes(8, "little"))
+
+    def cpuid_learned(self, space: AddressSpace, site: Site, leaf: int, subleaf: int, regs) -> None:
+        """A cpuid stub missed: the monitor's answer goes into that stub's table."""
+        cache = space.cache_holding(site.patch.stub) if site.patch is not None else None
+        if cache is None:
+            return
+        any_subleaf = leaf not in cpuid_model.SUBLEAF_LEAVES
+        for address, data in cache.cpuid_append(leaf, 0 if any_subleaf else subleaf,
+                                                any_subleaf, regs) or ():
+            space.mem.write(address, data)
+
+    # -- undoing ---------------------------------------------------------------
+    def invalidate(self, space: AddressSpace, start: int, end: int, untrack: bool) -> int:
+        """Undo the patches of every tracked page in [start, end) before the guest
+        changes or drops it; the pages go back to unscanned (or are forgotten)."""
+        pages = space.pages.tracked_in(page_of(start), end)
+        if not pages:
+            return 0
+        lo, hi = pages[0], pages[-1] + PAGE
+        dropped = False
+        for site in space.sites.in_range(lo - MAX_WINDOW, hi + MAX_WINDOW):
+            if page_of(site.address) in pages:
+                try:
+                    self.unplant(space, site)
+                except OSError:
+                    pass  # already unmapped: nothing left to restore
+                space.sites.remove(site.address)
+                dropped = True
+        for p in pages:
+            if untrack:
+                space.pages.untrack(p, p + PAGE)
+            else:
+                space.pages.get(p).reset()
+        if dropped and space.branch_table:
+            # Validated targets in these pages are no longer known starts.
+            space.mem.write(space.branch_table, bytes(BRANCH_TABLE_SIZE))
+        return len(pages)
+
+    def restore_all(self, space: AddressSpace) -> int:
+        """Put every original byte back (reversibility). Returns the sites undone."""
+        count = 0
+        for site in space.sites:
+            self.unplant(space, site)
+            count += 1
+        return count
+
+    def replant(self, space: AddressSpace, mode: str, avoid: frozenset, remote=None) -> int:
+        """Every site again, in `mode` (all threads of the space stopped; `avoid`
+        holds their instruction pointers, which no window may cover)."""
+        space.mode = mode
+        by_page: dict[int, list[Site]] = {}
+        for site in space.sites.ordered():
+            self.unplant(space, site)
+            space.sites.remove(site.address)
+            by_page.setdefault(page_of(site.address), []).append(site)
+        for page, old in sorted(by_page.items()):
+            state = space.pages.get(page)
+            code = space.original(page, PAGE + MAX_INSN)
+            found = [(Insn(s.address, s.size, s.mnemonic, s.op_str), s.kind) for s in old]
+            if mode == "patch" and state is not None:
+                targets = state.targets | state.roots | avoid
+                plans = plan_windows(code, page, page + PAGE, state.starts, found, targets)
+            else:
+                plans = [Fallback(i, k, "emulate mode") for i, k in found]
+            hits = {s.address: s.hits for s in old}
+            for plan in plans:
+                self.plant(space, plan, code, page, remote).hits = hits.get(plan.site.address, 0)
+        if space.branch_table:
+            space.mem.write(space.branch_table, bytes(BRANCH_TABLE_SIZE))
+        return sum(len(v) for v in by_page.values())
