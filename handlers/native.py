@@ -1,10 +1,11 @@
 """The host's own CPUID and TSC, read from inside the monitor's process.
 
 Python cannot issue these instructions, and a C extension would add a compiler to
-the build. Instead a few SysV-ABI routines are assembled once into an anonymous
-page that is written, then made executable (never both), and called through ctypes.
-Each routine returns its result in rax, or in rax:rdx as a two-word struct, so no
-call needs an output buffer.
+the build. Instead a few SysV-ABI routines, kept as machine code beside their
+assembly text (a test has keystone assemble the text and compares, so no assembler
+is needed at run time), are copied into an anonymous page that is written, then made
+executable (never both), and called through ctypes. Each routine returns its result
+in rax, or in rax:rdx as a two-word struct, so no call needs an output buffer.
 """
 from __future__ import annotations
 
@@ -15,32 +16,37 @@ import mmap
 # cpuid(leaf=edi, subleaf=esi) -> rax = ebx:eax, rdx = edx:ecx. rbx is callee-saved,
 # and cpuid overwrites it. cpuid and rdtsc(p) zero the upper halves of the
 # registers they write, so shift-and-or packs them without masking.
-_CPUID = """
-    push rbx
-    mov eax, edi
-    mov ecx, esi
-    cpuid
-    shl rbx, 32
-    or rax, rbx
-    shl rdx, 32
-    or rdx, rcx
-    pop rbx
-    ret
-"""
-_RDTSC = """
-    rdtsc
-    shl rdx, 32
-    or rax, rdx
-    ret
-"""
+_CPUID = (
+    ("53", "push rbx"),
+    ("89f8", "mov eax, edi"),
+    ("89f1", "mov ecx, esi"),
+    ("0fa2", "cpuid"),
+    ("48c1e320", "shl rbx, 32"),
+    ("4809d8", "or rax, rbx"),
+    ("48c1e220", "shl rdx, 32"),
+    ("4809ca", "or rdx, rcx"),
+    ("5b", "pop rbx"),
+    ("c3", "ret"),
+)
+_RDTSC = (
+    ("0f31", "rdtsc"),
+    ("48c1e220", "shl rdx, 32"),
+    ("4809d0", "or rax, rdx"),
+    ("c3", "ret"),
+)
 # rdtscp -> rax = tsc, rdx = TSC_AUX.
-_RDTSCP = """
-    rdtscp
-    shl rdx, 32
-    or rax, rdx
-    mov edx, ecx
-    ret
-"""
+_RDTSCP = (
+    ("0f01f9", "rdtscp"),
+    ("48c1e220", "shl rdx, 32"),
+    ("4809d0", "or rax, rdx"),
+    ("89ca", "mov edx, ecx"),
+    ("c3", "ret"),
+)
+_ROUTINES = (_CPUID, _RDTSC, _RDTSCP)   # (machine code in hex, its assembly) a line
+
+
+def _code(routine) -> bytes:
+    return bytes.fromhex("".join(encoding for encoding, _ in routine))
 
 
 class _Pair(ctypes.Structure):
@@ -68,10 +74,7 @@ def _executable(code: bytes) -> int:
 def _routines():
     # Built on first use, so importing the handlers costs nothing on a host that
     # forbids executable anonymous memory until CPUID or TSC is actually needed.
-    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
-
-    assembler = Ks(KS_ARCH_X86, KS_MODE_64)
-    parts = [bytes(assembler.asm(source)[0]) for source in (_CPUID, _RDTSC, _RDTSCP)]
+    parts = [_code(routine) for routine in _ROUTINES]
     base = _executable(b"".join(parts))
     offsets = [0, len(parts[0]), len(parts[0]) + len(parts[1])]
     cpuid = ctypes.CFUNCTYPE(_Pair, ctypes.c_uint32, ctypes.c_uint32)(base + offsets[0])

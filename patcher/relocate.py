@@ -34,15 +34,16 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import NamedTuple
 
 import capstone
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone import x86_const as x86
-from sbe.scanner.sensitive import DIRECT_BRANCHES
 
-_MASK64 = (1 << 64) - 1
+from sbe.scanner.sensitive import DIRECT_BRANCHES
+from sbe.scanner.x86 import MASK64, MAX_INSN, NEAR_CALL, NEAR_JMP
+
 _MASK32 = (1 << 32) - 1
-_MAX_INSN = 15
 
 
 class NotRelocatable(ValueError):
@@ -58,11 +59,14 @@ class ScratchInUse(ValueError):
 _DISASSEMBLER = Cs(CS_ARCH_X86, CS_MODE_64)
 _DISASSEMBLER.detail = True
 
-# Through the binding's CsInsn a decode with detail costs about 14 us: it copies the
-# detail, then rebuilds every operand as Python objects on the first attribute read.
-# One cs_disasm whose detail is read in place costs about 3 us. The binding's own
-# ctypes prototypes and structures are used; a test holds these reads to the
-# binding's public attributes over random instructions.
+# capstone's private API, on purpose. Through the public Cs.disasm with detail,
+# relocate() costs about 16 us an instruction against 3.5 us here (5,000 of libc's
+# instructions): CsInsn copies the detail, then rebuilds every operand as Python
+# objects on the first attribute read, where this reads the detail in place; and
+# disasm_lite has no detail at all. The binding's own ctypes prototypes and
+# structures are used. These names are capstone 5's: pyproject pins capstone to
+# [5, 6), and tests fail if the version or the names drift, and hold these reads to
+# the binding's public attributes over random instructions.
 _cs_disasm = capstone._cs.cs_disasm
 _cs_free = capstone._cs.cs_free
 _INSN_POINTER = ctypes.POINTER(capstone._cs_insn)
@@ -80,7 +84,7 @@ _HANDS_ITS_ADDRESS_ON = {
     x86.X86_INS_INT3: "a software interrupt gives its own address to the kernel",
     x86.X86_INS_INTO: "a software interrupt gives its own address to the kernel",
 }
-_RIP_BASES = {x86.X86_REG_RIP: _MASK64, x86.X86_REG_EIP: _MASK32}
+_RIP_BASES = {x86.X86_REG_RIP: MASK64, x86.X86_REG_EIP: _MASK32}
 
 
 def _decode(code, address: int):
@@ -90,7 +94,7 @@ def _decode(code, address: int):
     operand; the mask is 2**32 - 1 for the `eip` form (0x67 prefix), whose address is
     computed in 32 bits.
     """
-    if not code or len(code) > _MAX_INSN:
+    if not code or len(code) > MAX_INSN:
         raise ValueError(f"not one instruction: {code.hex()!r}")
     insn = _INSN_POINTER()
     count = _cs_disasm(_DISASSEMBLER.csh, code, len(code), address, 1, ctypes.byref(insn))
@@ -106,7 +110,7 @@ def _decode(code, address: int):
             refusal = "a relative branch"
         else:
             refusal = _HANDS_ITS_ADDRESS_ON.get(ident)
-        disp_offset, mask = 0, _MASK64
+        disp_offset, mask = 0, MASK64
         # Only ModRM mod=00 rm=101 is rip-relative; testing that first spares the
         # operand walk (a third of the decode) for everything else. The disp32 then
         # follows the ModRM byte: capstone's disp_size says 2 under a 0x66 prefix.
@@ -146,7 +150,7 @@ def _rip_disp(target: int, end: int, mask: int) -> int | None:
     """
     if mask == _MASK32:
         return ((target - end + (1 << 31)) & _MASK32) - (1 << 31)
-    delta = ((target - end + (1 << 63)) & _MASK64) - (1 << 63)
+    delta = ((target - end + (1 << 63)) & MASK64) - (1 << 63)
     return _signed(delta, 32)
 
 
@@ -191,7 +195,6 @@ _REGISTERS = {name: number for number, name in enumerate(
 _RSP = 4
 _RIP = -1  # a base that is no register number
 
-_NEAR_CALL, _NEAR_JMP = 2, 4  # ModRM.reg of opcode 0xFF; 3 and 5 are the far forms
 _LOAD, _LEA = 0x8B, 0x8D
 _REX_W = 0x48
 
@@ -264,30 +267,60 @@ def load_operand(code: bytes, old: int, new: int, scratch: str, rsp_bias: int) -
     dest = _REGISTERS.get(scratch)
     if dest is None or dest == _RSP:
         raise ValueError(f"{scratch!r} is not a 64-bit scratch register")
-    if len(code) > _MAX_INSN:
+    if len(code) > MAX_INSN:
         raise ValueError(f"{code.hex()} is longer than an instruction")
     at, segment, addr32, rex = _prefixes(code)
-    if at + 1 >= len(code) or code[at] != 0xFF or code[at + 1] >> 3 & 7 not in (_NEAR_CALL, _NEAR_JMP):
+    if at + 1 >= len(code) or code[at] != 0xFF or code[at + 1] >> 3 & 7 not in (NEAR_CALL, NEAR_JMP):
         raise ValueError(f"{code.hex()} is not an indirect near jmp or call")
+    extend_index, extend_base = (rex >> 1 & 1) << 3, (rex & 1) << 3
+    if code[at + 1] >> 6 == 3:
+        return _load_register(code, at, dest, extend_base, rsp_bias, scratch)
+
+    memory = _memory_operand(code, at, extend_index, extend_base)
+    if dest in (memory.base, memory.index):
+        raise ScratchInUse(f"{code.hex()} addresses memory through {scratch}")
+    head = bytes(filter(None, (segment, _ADDRESS_SIZE if addr32 else None)))
+    head += bytes((_rex(dest, extend_index, extend_base), _LOAD))
+    if memory.base == _RIP:
+        return _rip_load(code, old, new, head, dest, memory.disp, addr32)
+    if memory.base == _RSP and rsp_bias:
+        return _rsp_load(code, head, dest, memory, addr32, rsp_bias)
+    return head + bytes((_modrm(memory.mod, dest, memory.rm),)) + code[at + 2:]  # SIB, disp as they are
+
+
+def _load_register(code: bytes, at: int, dest: int, extend_base: int, rsp_bias: int,
+                   scratch: str) -> bytes:
+    """The load for a branch through a register (ModRM.mod 3 at `at + 1`)."""
+    if len(code) != at + 2:
+        raise ValueError(f"{code.hex()} is not one instruction")
+    source = code[at + 1] & 7 | extend_base
+    if source == dest:
+        raise ScratchInUse(f"{code.hex()} branches through {scratch}")
+    if source == _RSP and rsp_bias:
+        disp = _signed(rsp_bias, 32)
+        if disp is None:
+            raise NotRelocatable(f"rsp bias {rsp_bias:#x} does not fit a disp32")
+        mod, disp_bytes = _displacement(disp)
+        return bytes((_rex(dest), _LEA, _modrm(mod, dest, 4), 0x24)) + disp_bytes
+    return bytes((_rex(dest, base=source), _LOAD, _modrm(3, dest, source)))
+
+
+class _Memory(NamedTuple):
+    """A memory operand as its ModRM, SIB and displacement give it. base and index are
+    register numbers, or None where there is none; base is _RIP for [rip + disp32]."""
+    mod: int
+    rm: int
+    sib: int | None
+    base: int | None
+    index: int | None
+    disp: int
+
+
+def _memory_operand(code: bytes, at: int, extend_index: int, extend_base: int) -> _Memory:
+    """The memory operand of the ModRM at `at + 1`, which must end the instruction."""
     modrm = code[at + 1]
     mod, rm = modrm >> 6, modrm & 7
-    extend_index, extend_base = (rex >> 1 & 1) << 3, (rex & 1) << 3
-
-    if mod == 3:
-        if len(code) != at + 2:
-            raise ValueError(f"{code.hex()} is not one instruction")
-        source = rm | extend_base
-        if source == dest:
-            raise ScratchInUse(f"{code.hex()} branches through {scratch}")
-        if source == _RSP and rsp_bias:
-            disp = _signed(rsp_bias, 32)
-            if disp is None:
-                raise NotRelocatable(f"rsp bias {rsp_bias:#x} does not fit a disp32")
-            mod, disp_bytes = _displacement(disp)
-            return bytes((_rex(dest), _LEA, _modrm(mod, dest, 4), 0x24)) + disp_bytes
-        return bytes((_rex(dest, base=source), _LOAD, _modrm(3, dest, source)))
-
-    tail = at + 2  # SIB and displacement, copied unless re-encoded below
+    tail = at + 2  # SIB and displacement
     sib = None
     if rm == 4:
         if tail >= len(code):
@@ -303,26 +336,28 @@ def load_operand(code: bytes, old: int, new: int, scratch: str, rsp_bias: int) -
     disp_size = {0: 4 if base in (None, _RIP) else 0, 1: 1, 2: 4}[mod]
     if len(code) != tail + disp_size:
         raise ValueError(f"{code.hex()} is not one instruction")
-    if dest in (base, index):
-        raise ScratchInUse(f"{code.hex()} addresses memory through {scratch}")
-    disp = int.from_bytes(code[tail:], "little", signed=True)
+    return _Memory(mod, rm, sib, base, index, int.from_bytes(code[tail:], "little", signed=True))
 
-    head = bytes(filter(None, (segment, _ADDRESS_SIZE if addr32 else None)))
-    head += bytes((_rex(dest, extend_index, extend_base), _LOAD))
-    mask = _MASK32 if addr32 else _MASK64
-    if base == _RIP:
-        end = new + len(head) + 5
-        target = (old + len(code) + disp) & mask
-        new_disp = _rip_disp(target, end, mask)
-        if new_disp is None:
-            raise NotRelocatable(f"{code.hex()}: {target:#x} is out of rel32 reach of {new:#x}")
-        return head + bytes((_modrm(0, dest, 5),)) + struct.pack("<i", new_disp)
-    if base == _RSP and rsp_bias:
-        new_disp = disp + rsp_bias
-        if addr32:  # esp + disp wraps at 32 bits, so the stub's esp does too
-            new_disp = ((new_disp + (1 << 31)) & _MASK32) - (1 << 31)
-        elif _signed(new_disp, 32) is None:
-            raise NotRelocatable(f"{code.hex()}: rsp bias {rsp_bias:#x} overflows the disp32")
-        mod, disp_bytes = _displacement(new_disp)
-        return head + bytes((_modrm(mod, dest, 4), sib)) + disp_bytes
-    return head + bytes((_modrm(mod, dest, rm),)) + code[at + 2:]
+
+def _rip_load(code: bytes, old: int, new: int, head: bytes, dest: int, disp: int,
+              addr32: bool) -> bytes:
+    """The load at `new`, `head` then its ModRM, from [rip + disp] re-aimed."""
+    mask = _MASK32 if addr32 else MASK64
+    target = (old + len(code) + disp) & mask
+    new_disp = _rip_disp(target, new + len(head) + 5, mask)
+    if new_disp is None:
+        raise NotRelocatable(f"{code.hex()}: {target:#x} is out of rel32 reach of {new:#x}")
+    return head + bytes((_modrm(0, dest, 5),)) + struct.pack("<i", new_disp)
+
+
+def _rsp_load(code: bytes, head: bytes, dest: int, memory: _Memory, addr32: bool,
+              rsp_bias: int) -> bytes:
+    """The load, `head` then its ModRM, from an operand based on rsp, in a stub whose
+    rsp is `rsp_bias` lower."""
+    new_disp = memory.disp + rsp_bias
+    if addr32:  # esp + disp wraps at 32 bits, so the stub's esp does too
+        new_disp = ((new_disp + (1 << 31)) & _MASK32) - (1 << 31)
+    elif _signed(new_disp, 32) is None:
+        raise NotRelocatable(f"{code.hex()}: rsp bias {rsp_bias:#x} overflows the disp32")
+    mod, disp_bytes = _displacement(new_disp)
+    return head + bytes((_modrm(mod, dest, 4), memory.sib)) + disp_bytes

@@ -1,4 +1,5 @@
-"""The host's cpuid and TSC, run from the monitor's own process."""
+"""The host's cpuid and TSC, run from the monitor's own process, by machine code that
+is keystone's encoding of the assembly text kept beside it."""
 from __future__ import annotations
 
 import os
@@ -6,8 +7,19 @@ import re
 import struct
 
 import pytest
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
+from sbe.handlers import native
 from sbe.handlers.native import host_cpuid, host_rdtsc, host_rdtscp
+
+
+@pytest.mark.parametrize("routine", native._ROUTINES, ids=["cpuid", "rdtsc", "rdtscp"])
+def test_machine_code_is_keystones_encoding_of_its_text(routine):
+    """The routines are kept as bytes so that no assembler runs in the monitor; their
+    text beside them is what they mean, and must stay what they are."""
+    assembler = Ks(KS_ARCH_X86, KS_MODE_64)
+    for encoding, text in routine:
+        assert bytes(assembler.asm(text)[0]).hex() == encoding, text
 
 
 def cpuinfo(field: str) -> str:

@@ -22,6 +22,7 @@ import struct
 import time
 from dataclasses import dataclass, replace
 
+import capstone
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone import x86_const as x86
@@ -333,6 +334,19 @@ def instruction_bytes(draw):
         modrm = draw(st.sampled_from([0x05, 0x0D, 0x15, 0x25, 0x3D]) if rip else st.integers(0, 255))
         head = draw(st.sampled_from(_PREFIXES)) + draw(st.sampled_from(_MODRM_OPCODES)) + bytes([modrm])
     return (head + draw(st.binary(min_size=15, max_size=15)))[:15]
+
+
+def test_capstone_is_the_5_x_binding_relocate_reads_in_place():
+    """relocate calls the binding's private cs_disasm and cs_free and reads its
+    _cs_insn in place (the public CsInsn is several times slower): names and layouts
+    of capstone 5, so another capstone must fail here rather than in a guest."""
+    assert 5 <= int(capstone.__version__.split(".")[0]) < 6, capstone.__version__
+    assert capstone.cs_version()[0] == 5
+    assert callable(capstone._cs.cs_disasm) and callable(capstone._cs.cs_free)
+    assert {"id", "size", "detail"} <= {name for name, _ in capstone._cs_insn._fields_}
+    x86_detail = {name for name, _ in capstone.x86.CsX86._fields_}
+    assert {"modrm", "encoding", "op_count", "operands"} <= x86_detail
+    assert "modrm_offset" in {name for name, _ in capstone.x86.CsX86Encoding._fields_}
 
 
 @settings(max_examples=3000, deadline=None)
