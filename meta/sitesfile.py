@@ -15,10 +15,9 @@ by its address only within one address space, and a run may span several.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 
+from sbe.meta.files import replace_atomically
 from sbe.meta.site import KINDS, STRATEGIES
 
 FORMAT = "sbe-sites"
@@ -63,21 +62,7 @@ def save(path: str, program: list[str], mode: str, rows: list[dict]) -> None:
     head = json.dumps({k: v for k, v in doc.items() if k != "sites"})[:-1]
     body = ",\n".join(json.dumps(row) for row in doc["sites"])
     text = f'{head}, "sites": [\n{body}\n]}}\n'
-    directory, name = os.path.split(os.path.abspath(path))
-    # Beside the target, because a rename is only atomic within one filesystem; a name
-    # of our own instead of mkstemp so the file gets the usual umask-given mode.
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_atomically(path, text.encode("utf-8"))
 
 
 def load(path: str) -> dict:

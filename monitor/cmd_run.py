@@ -33,6 +33,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "offset in hex, as `sbe sites` prints them)")
     p.add_argument("--cache-size", metavar="BYTES", type=_size, default=1 << 20,
                    help="size of each side cache (default 1M; K and M suffixes)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="the scan cache: what earlier runs scanned, found again by content "
+                   "(default $SBE_CACHE_DIR, else $XDG_CACHE_HOME/sbe, else ~/.cache/sbe)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="scan everything, and save nothing for later runs")
     p.add_argument("--sites-out", metavar="FILE",
                    help="save the site table (every process's sites, with hits) as JSON, for `sbe sites`")
     p.add_argument("--stats", action="store_true",
@@ -108,6 +113,7 @@ def forward_signals(session) -> None:
 
 def run(args) -> int:
     from sbe.meta import sitesfile
+    from sbe.meta.scancache import ScanCache, default_directory
     from sbe.monitor.session import Session
 
     setup_logging(args.verbose, args.log)
@@ -126,7 +132,9 @@ def run(args) -> int:
     except ValueError as e:
         print(f"sbe: {e}", file=sys.stderr)
         return 2
-    session = Session(argv, path, mode=args.mode, policy=policy, record_sites=bool(args.sites_out))
+    cache = None if args.no_cache else ScanCache(args.cache_dir or default_directory())
+    session = Session(argv, path, mode=args.mode, policy=policy, record_sites=bool(args.sites_out),
+                      cache=cache)
     try:
         session.start()
     except LaunchError as e:

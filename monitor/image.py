@@ -17,7 +17,7 @@ from sbe.meta.module import parse_maps
 from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
                               PROT_WRITE)
 from sbe.meta.syscalls import SYS
-from sbe.monitor import remote
+from sbe.monitor import codecache, remote
 from sbe.patcher import gadget
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,14 @@ def setup_image(session, thread) -> None:
         space.pages.track(m.start, m.end, prot)
         if m.path == "[vdso]":
             continue
-        session.stats.remote_syscalls += 1
-        r = remote.inject(thread, SYS.mprotect, m.start, m.end - m.start, prot & ~PROT_EXEC)
-        if r < 0:
-            raise SetupError(f"cannot make {m.path or 'code'} at {m.start:#x} non-executable ({r})")
+        # Pages the scan cache planted stay executable; the rest fault at first fetch.
+        cached = set(codecache.bind(session, thread, m.start, m.end, m.path))
+        unscanned = [p for p in range(m.start, m.end, PAGE) if p not in cached]
+        for start, end in codecache.runs_of(unscanned):
+            session.stats.remote_syscalls += 1
+            r = remote.inject(thread, SYS.mprotect, start, end - start, prot & ~PROT_EXEC)
+            if r < 0:
+                raise SetupError(f"cannot make {m.path or 'code'} at {start:#x} non-executable ({r})")
     for m in maps:
         if m.path == "[vdso]":
             scan_vdso(session, space, m.start, m.end, session.remote(thread))

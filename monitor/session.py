@@ -27,9 +27,10 @@ from sbe.handlers.dispatch import emulate
 from sbe.handlers.effect import RESUME, STEP, SYSCALL, SYSCALL32
 from sbe.meta import syscalls
 from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE, page_of
+from sbe.meta.scancache import ScanCache
 from sbe.meta.syscalls import SYS
 from sbe.monitor import ptrace_api as pt
-from sbe.monitor import remote, sigframe
+from sbe.monitor import codecache, remote, sigframe
 from sbe.monitor.image import setup_image
 from sbe.monitor.memory import GuestMemory
 from sbe.monitor.stats import Stats
@@ -84,7 +85,8 @@ class Session:
     RESUME_REQUEST = pt.PTRACE_CONT
 
     def __init__(self, argv: list[str], path: str, *, mode: str = "patch",
-                 policy: PatchPolicy | None = None, record_sites: bool = False) -> None:
+                 policy: PatchPolicy | None = None, record_sites: bool = False,
+                 cache: ScanCache | None = None) -> None:
         self.argv = argv
         self.path = path
         self.mode = mode
@@ -102,6 +104,7 @@ class Session:
         self.spaces: dict[AddressSpace, int] = {}   # live spaces, with their order of birth
         self.born = 0
         self.record_sites = record_sites
+        self.cache = cache                        # the persistent scan cache, if used
         self.site_records: list[tuple[int, list[dict]]] = []   # of spaces gone, if recorded
 
     # -- life cycle ------------------------------------------------------------
@@ -128,6 +131,8 @@ class Session:
             if self.threads:
                 reap_killed(list(self.threads))
                 self.threads.clear()
+            for space in self.spaces:
+                codecache.save(self, space)
             self.stats.wall_seconds = time.perf_counter() - t0
             self.stats.switches = list(self.switches)
         return self.exit_status if self.exit_status is not None else 1
@@ -193,6 +198,7 @@ class Session:
         space.users.discard(thread.tid)
         if not space.users and space in self.spaces:
             born = self.spaces.pop(space)
+            codecache.save(self, space)
             if self.record_sites:
                 self.site_records.append((born, self.records_of(space)))
             space.close()
@@ -455,8 +461,8 @@ class Session:
         write to it faults and invalidates it first."""
         self.protect(thread, page, (prot & ~PROT_WRITE) | PROT_EXEC)
 
-    def protect(self, thread: Thread, page: int, prot: int) -> None:
-        result = self.remote(thread)(SYS.mprotect, page, PAGE, prot)
+    def protect(self, thread: Thread, page: int, prot: int, length: int = PAGE) -> None:
+        result = self.remote(thread)(SYS.mprotect, page, length, prot)
         if result < 0:
             log.warning("mprotect(%#x) in guest %d failed: %s", page, thread.tid, os.strerror(-result))
 

@@ -44,6 +44,7 @@ class Stats:
             "fetch_faults": self.faults,
             "fault_us": round(1e6 * self.fault_seconds / self.faults, 2) if self.faults else None,
             "pages_scanned": self.patching.pages_scanned,
+            "pages_cached": self.patching.pages_cached,
             "scan_ms": round(1e3 * self.patching.scan_seconds, 2),
             "swept_insns": self.patching.swept,
             "remote_syscalls": self.remote_syscalls,
@@ -68,7 +69,9 @@ class Stats:
         lines.append("  strategies: " + (", ".join(f"{k} {v}" for k, v in sorted(self.strategies.items())) or "none"))
         esc = sum(self.escapes.values())
         lines.append(f"  escapes: {esc}" + (" (" + ", ".join(f"{k} {v}" for k, v in self.escapes.items()) + ")" if esc else ""))
-        lines.append(f"  pages scanned: {self.patching.pages_scanned} in {d['scan_ms']} ms ({self.patching.swept} insns by linear sweep)")
+        lines.append(f"  pages scanned: {self.patching.pages_scanned} in {d['scan_ms']} ms "
+                     f"({self.patching.swept} insns by linear sweep); from the scan cache: "
+                     f"{self.patching.pages_cached}")
         lines.append(f"  monitor cost per site trap: {d['trap_us']} us; per fetch fault: {d['fault_us']} us")
         lines.append(f"  ptrace stops: {self.stops} (syscall stops {self.syscall_stops}, remote syscalls {self.remote_syscalls})")
         if self.patching.fallbacks:

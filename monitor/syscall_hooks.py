@@ -11,7 +11,7 @@ from __future__ import annotations
 from sbe.meta import syscalls
 from sbe.meta.pagemap import PAGE, PROT_EXEC
 from sbe.monitor import ptrace_api as pt
-from sbe.monitor import sigframe
+from sbe.monitor import codecache, sigframe
 
 SA_RESTORER = 0x04000000
 SIG_IGN = 1
@@ -41,6 +41,10 @@ def mmap(session, thread, regs):
             space.pages.track(out.rax, out.rax + length, prot)
             out.rdx = prot
             pt.setregs(thread.tid, out)
+            mapping = space.modules.mapping_at(out.rax)
+            if mapping is not None:
+                cached = codecache.bind(session, thread, out.rax, out.rax + length, mapping.path)
+                codecache.grant(session, thread, cached, prot)
     return post
 
 

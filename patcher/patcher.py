@@ -65,6 +65,7 @@ class PatchCosts:
     scan_seconds: float = 0.0
     stub_seconds: float = 0.0
     pages_scanned: int = 0
+    pages_cached: int = 0       # planted from the scan cache, without a scan
     swept: int = 0
     fallbacks: Counter = field(default_factory=Counter)   # why a site stayed int3
     flushes: int = 0
@@ -121,14 +122,47 @@ class Patcher:
             self._drop_false_sites(space, state, result.insns)
         state.learn(entries, result.starts, targets_of(result.insns))
         self.costs.swept += result.swept
+        binding = space.binding_of(page)
+        if binding is not None:
+            binding.touched.add(page)
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
-        if space.mode == "patch" and (fresh or exclusive):
-            targets = state.targets | state.roots | avoid
-            plans = plan_windows(code, page, page + PAGE, state.starts, found, targets)
-        else:
-            reason = "emulate mode" if space.mode == "emulate" else "found after its page ran"
-            plans = [Fallback(i, k, reason) for i, k in found]
+        plans = self._plans(space, code, page, state, found, avoid, fresh or exclusive)
         return [self.plant(space, plan, code, page, remote) for plan in plans], result.outside
+
+    @staticmethod
+    def _plans(space, code, page, state, found, avoid, may_write_windows: bool):
+        """How to patch the sites `found` in a page whose state is `state`: windows
+        where the mode asks for them and they may be written, traps otherwise."""
+        if space.mode == "patch" and may_write_windows:
+            targets = state.targets | state.roots | avoid
+            return plan_windows(code, page, page + PAGE, state.starts, found, targets)
+        reason = "emulate mode" if space.mode == "emulate" else "found after its page ran"
+        return [Fallback(i, k, reason) for i, k in found]
+
+    def apply_cached(self, space: AddressSpace, binding, entry, remote=None,
+                     avoid: frozenset = frozenset()) -> tuple[list[Site], list[int]]:
+        """Plant what a scan cache entry knows of the mapping `binding` names, whose
+        bytes (as mapped, no patch yet) are the ones the entry was made from, and
+        whose pages no thread can be running: each cached page is then as its scans
+        left it, without decoding it again. Returns the sites planted and the pages."""
+        planted, pages = [], []
+        base = binding.start
+        for offset, record in sorted(entry.pages.items()):
+            page = base + offset
+            state = space.pages.get(page)
+            if state is None or state.scanned or page >= binding.end:
+                continue
+            state.learn({base + r for r in record.roots}, {base + s for s in record.starts},
+                        {base + t for t in record.targets})
+            found = [(Insn(base + o, size, mnemonic, op_str), kind)
+                     for o, (size, kind, mnemonic, op_str) in sorted(record.sites.items())
+                     if base + o not in space.sites]
+            code = space.original(page, PAGE + MAX_INSN)
+            for plan in self._plans(space, code, page, state, found, avoid, True):
+                planted.append(self.plant(space, plan, code, page, remote))
+            pages.append(page)
+        self.costs.pages_cached += len(pages)
+        return planted, pages
 
     @staticmethod
     def _outside(space, outside) -> list[int]:
@@ -268,7 +302,7 @@ class Patcher:
                  if s.patch is not None and cache.start <= s.patch.stub < cache.start + cache.size}
         for page in sorted(pages - {keep}):
             state = space.pages.get(page)
-            self.invalidate(space, page, page + PAGE, untrack=False)
+            self.invalidate(space, page, page + PAGE, untrack=False, bytes_change=False)
             if state is not None and remote is not None:
                 remote(SYS.mprotect, page, PAGE, state.prot & ~PROT_EXEC & ~PROT_WRITE)
 
@@ -289,9 +323,14 @@ class Patcher:
             space.mem.write(address, data)
 
     # -- undoing ---------------------------------------------------------------
-    def invalidate(self, space: AddressSpace, start: int, end: int, untrack: bool) -> int:
+    def invalidate(self, space: AddressSpace, start: int, end: int, untrack: bool,
+                   bytes_change: bool = True) -> int:
         """Undo the patches of every tracked page in [start, end) before the guest
-        changes or drops it; the pages go back to unscanned (or are forgotten)."""
+        changes or drops it; the pages go back to unscanned (or are forgotten).
+        `bytes_change`: False when only the patches move (a side cache retired), so
+        what was learned there stays the mapping's."""
+        if bytes_change:
+            space.unbind(start, end)
         pages = space.pages.tracked_in(page_of(start), end)
         if not pages:
             return 0

@@ -8,14 +8,29 @@ vfork children share one space; a forked child gets a copy, at the same addresse
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from sbe.meta.module import ModuleMap, parse_maps
-from sbe.meta.pagemap import PageMap
+from sbe.meta.pagemap import PAGE, PageMap
+from sbe.meta.scancache import Entry, PageRecord
 from sbe.meta.site import Site, SiteTable
 from sbe.patcher.sidecache import SideCache
 from sbe.scanner.decode import decode_from
 from sbe.scanner.x86 import MAX_INSN
 
 MAX_WINDOW = 2 * MAX_INSN
+
+
+@dataclass
+class Binding:
+    """A file's code mapped at [start, end), whose bytes, as mapped, have the scan
+    cache key `key`. `touched`: its pages this space scanned, so there is something
+    to save. A binding goes as soon as the mapping's bytes may change."""
+    start: int
+    end: int
+    key: str
+    path: str
+    touched: set = field(default_factory=set)
 
 
 class AddressSpace:
@@ -28,6 +43,7 @@ class AddressSpace:
         self.users: set[int] = set()     # the tasks running in it
         self.caches: list[SideCache] = []
         self.branch_table = 0
+        self.bindings: list[Binding] = []
         self._modules: ModuleMap | None = None
 
     def fork(self, mem, pid: int) -> "AddressSpace":
@@ -38,6 +54,7 @@ class AddressSpace:
         twin.pages = self.pages.copy()
         twin.caches = [c.copy() for c in self.caches]
         twin.branch_table = self.branch_table
+        twin.bindings = [Binding(b.start, b.end, b.key, b.path) for b in self.bindings]
         return twin
 
     def close(self) -> None:
@@ -87,6 +104,30 @@ class AddressSpace:
                 insn = next(decode_from(self.original(start, MAX_INSN), start, start), None)
                 return insn is not None and start + insn.size > address
         return False
+
+    # -- scan cache bindings ---------------------------------------------------
+    def binding_of(self, address: int) -> Binding | None:
+        return next((b for b in self.bindings if b.start <= address < b.end), None)
+
+    def unbind(self, start: int, end: int) -> None:
+        """The bytes of [start, end) may change: what was learned there is no longer
+        the cached mapping's."""
+        self.bindings = [b for b in self.bindings if b.end <= start or end <= b.start]
+
+    def cache_entry(self, binding: Binding) -> Entry:
+        """What this space knows of a bound mapping, relative to its start."""
+        entry = Entry(binding.key, binding.path, binding.end - binding.start)
+        for page in range(binding.start, binding.end, PAGE):
+            state = self.pages.get(page)
+            if state is None or not state.scanned:
+                continue
+            base = binding.start
+            entry.pages[page - base] = PageRecord(
+                {s - base for s in state.starts}, {r - base for r in state.roots},
+                {t - base for t in state.targets},
+                {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str)
+                 for s in self.sites.in_range(page, page + PAGE)})
+        return entry
 
     # -- side caches -----------------------------------------------------------
     def in_cache(self, address: int) -> bool:

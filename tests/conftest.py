@@ -64,6 +64,15 @@ def require(program: str) -> None:
         pytest.skip(f"{program} is not installed")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scan_cache_dir(tmp_path_factory) -> Path:
+    """Every sbe a test starts shares one scan cache of the session's own, so later
+    runs are warm (as a user's are) and nothing is left in the home directory."""
+    path = tmp_path_factory.mktemp("scan-cache")
+    os.environ["SBE_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def guests() -> Path:
     subprocess.run(["make", "-s", "-C", str(ROOT / "guests"), f"OUT={GUESTS}"], check=True)

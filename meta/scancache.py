@@ -1,0 +1,191 @@
+"""The persistent scan cache: what the scans of one code mapping found, kept on disk
+and found again by content (the way an ahead-of-time code cache is found).
+
+A scan is a pure function of a mapping's bytes and of the entries runs learned into
+it, so its result is keyed by a digest of those bytes and of this format's version:
+a rebuilt or replaced file never matches an old entry, and every offset is relative
+to the mapping's start, so ASLR does not matter. An entry holds, for each page the
+runs scanned, the instruction starts, the roots scans started from (branch targets
+validated at run time among them), the landing points the code reveals, and the
+sites; applying it (patcher/) plants those sites without decoding again.
+
+A cache can never make a run wrong: a file that is not a regular file of ours, has
+another magic, version or key, fails its checksum or does not parse is ignored (and
+rewritten by the next store), and so is a directory other users may write to.
+Writers merge under a lock (what one run learns is never lost to another) and
+publish by rename, so a reader never sees a torn entry.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+import zlib
+from array import array
+from dataclasses import dataclass, field
+
+from sbe.meta.files import replace_atomically
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+MAGIC = b"SBESCAN" + bytes([VERSION])
+SUFFIX = ".scan"
+DIGEST = 32
+
+
+def key_of(code: bytes) -> str:
+    """The entry's name for a mapping holding `code`."""
+    return hashlib.sha256(MAGIC + code).hexdigest()
+
+
+def default_directory(environ=os.environ) -> str:
+    if environ.get("SBE_CACHE_DIR"):
+        return environ["SBE_CACHE_DIR"]
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sbe")
+
+
+@dataclass
+class PageRecord:
+    """One scanned page, offsets relative to the mapping's start."""
+    starts: set = field(default_factory=set)
+    roots: set = field(default_factory=set)
+    targets: set = field(default_factory=set)
+    sites: dict = field(default_factory=dict)   # offset -> (size, kind, mnemonic, op_str)
+
+    def merge(self, other: "PageRecord") -> None:
+        self.starts |= other.starts
+        self.roots |= other.roots
+        self.targets |= other.targets
+        for offset, site in other.sites.items():
+            self.sites.setdefault(offset, site)
+
+
+@dataclass
+class Entry:
+    key: str
+    path: str                 # the file it was mapped from, for people
+    size: int                 # the mapping's length
+    pages: dict = field(default_factory=dict)   # page offset -> PageRecord
+
+    def merge(self, other: "Entry") -> None:
+        for offset, record in other.pages.items():
+            if offset in self.pages:
+                self.pages[offset].merge(record)
+            else:
+                self.pages[offset] = record
+
+
+def encode(entry: Entry) -> bytes:
+    pages = {}
+    for offset, r in sorted(entry.pages.items()):
+        pages[str(offset)] = {
+            "starts": array("I", sorted(r.starts)).tobytes().hex(),
+            "roots": sorted(r.roots), "targets": sorted(r.targets),
+            "sites": [[o, *r.sites[o]] for o in sorted(r.sites)],
+        }
+    payload = zlib.compress(json.dumps({"key": entry.key, "path": entry.path, "size": entry.size,
+                                        "pages": pages}, separators=(",", ":")).encode(), 1)
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+class CorruptEntry(ValueError):
+    pass
+
+
+def decode(data: bytes, key: str) -> Entry:
+    """The entry in `data`, which must be the one named `key`; CorruptEntry otherwise."""
+    if data[:len(MAGIC)] != MAGIC:
+        raise CorruptEntry("not a scan cache entry of this version")
+    digest, payload = data[len(MAGIC):len(MAGIC) + DIGEST], data[len(MAGIC) + DIGEST:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CorruptEntry("checksum mismatch")
+    try:
+        doc = json.loads(zlib.decompress(payload))
+        if doc["key"] != key:
+            raise CorruptEntry("entry for other content")
+        entry = Entry(key, str(doc["path"]), int(doc["size"]))
+        for offset, p in doc["pages"].items():
+            starts = array("I")
+            starts.frombytes(bytes.fromhex(p["starts"]))
+            entry.pages[int(offset)] = PageRecord(
+                set(starts), set(map(int, p["roots"])), set(map(int, p["targets"])),
+                {int(o): (int(size), str(kind), str(mn), str(op)) for o, size, kind, mn, op in p["sites"]})
+    except CorruptEntry:
+        raise
+    except (ValueError, KeyError, TypeError, zlib.error) as e:
+        raise CorruptEntry(f"unreadable ({type(e).__name__})") from None
+    return entry
+
+
+class ScanCache:
+    """One cache directory. Every failure to read or write is a miss, never an error
+    of the run: the run scans as if the cache were empty."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.usable = self._check_directory()
+
+    def _check_directory(self) -> bool:
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            st = os.stat(self.directory)
+        except OSError as e:
+            log.info("scan cache %s unusable: %s", self.directory, e.strerror)
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            log.info("scan cache %s ignored: not a directory of ours that only we can write",
+                     self.directory)
+            return False
+        return True
+
+    def path_of(self, key: str) -> str:
+        return os.path.join(self.directory, key + SUFFIX)
+
+    def load(self, key: str) -> Entry | None:
+        if not self.usable:
+            return None
+        path = self.path_of(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                log.info("scan cache entry %s ignored: not a file of ours", path)
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read()
+        except OSError as e:
+            log.info("scan cache entry %s unreadable: %s", path, e.strerror)
+            return None
+        finally:
+            os.close(fd)
+        try:
+            entry = decode(data, key)
+        except CorruptEntry as e:
+            log.info("scan cache entry %s ignored: %s", path, e)
+            return None
+        os.utime(path, (time.time(), st.st_mtime))   # last used: read by `sbe cache`
+        return entry
+
+    def store(self, entry: Entry) -> None:
+        """Merge `entry` into what the cache holds for its key."""
+        if not self.usable:
+            return
+        try:
+            with open(os.path.join(self.directory, entry.key + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                old = self.load(entry.key)
+                if old is not None:
+                    old.merge(entry)
+                    entry = old
+                replace_atomically(self.path_of(entry.key), encode(entry))
+        except OSError as e:
+            log.info("scan cache entry for %s not saved: %s", entry.path, e.strerror)

@@ -1,0 +1,63 @@
+"""The scan cache in a run: bind each file's code mapping to its cache entry when it
+is mapped, plant what the entry knows at once (no fetch fault, no scan, for every
+page an earlier run executed), and save what the run learned when the space ends.
+
+Binding happens while the mapping's pages are either not executable or executable
+only by the stopped thread that made it (a fresh image at its exec), so planting them
+is as safe as planting a page at its first fetch.
+"""
+from __future__ import annotations
+
+import logging
+
+from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE
+from sbe.meta.scancache import key_of
+from sbe.patcher.space import Binding
+
+log = logging.getLogger(__name__)
+
+
+def bind(session, thread, start: int, end: int, path: str) -> list[int]:
+    """Bind the code mapping [start, end) of `path`; returns the pages planted from
+    the cache (the caller makes them executable)."""
+    cache, space = session.cache, thread.space
+    if cache is None or not path.startswith("/"):
+        return []
+    code = space.mem.read_upto(start, end - start)
+    binding = Binding(start, start + len(code), key_of(code), path)
+    space.bindings.append(binding)
+    entry = cache.load(binding.key)
+    if entry is None:
+        return []
+    planted, pages = session.patcher.apply_cached(space, binding, entry, session.remote(thread),
+                                                  session.thread_rips(space))
+    session.plant_count(planted)
+    log.debug("%s: %d pages from the scan cache", path, len(pages))
+    return pages
+
+
+def runs_of(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted pages as [start, end) runs, one mprotect each."""
+    runs: list[tuple[int, int]] = []
+    for page in sorted(pages):
+        if runs and runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], page + PAGE)
+        else:
+            runs.append((page, page + PAGE))
+    return runs
+
+
+def grant(session, thread, pages: list[int], prot: int) -> None:
+    """Make planted pages executable, as a first fetch would."""
+    for start, end in runs_of(pages):
+        session.protect(thread, start, (prot & ~PROT_WRITE) | PROT_EXEC, end - start)
+
+
+def save(session, space) -> None:
+    """Merge what `space` learned of each bound mapping into the cache."""
+    if session.cache is None:
+        return
+    for binding in space.bindings:
+        if binding.touched:
+            session.cache.store(space.cache_entry(binding))
+            binding.touched.clear()

@@ -1,0 +1,108 @@
+"""The scan cache's format and files: what it reads back is what was stored, and
+anything else it finds is ignored, never trusted."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from sbe.meta import scancache
+from sbe.meta.scancache import Entry, PageRecord, ScanCache, decode, encode, key_of
+
+CODE = bytes(range(256)) * 16
+
+
+def entry(key=None) -> Entry:
+    e = Entry(key or key_of(CODE), "/lib/libdemo.so", len(CODE))
+    e.pages[0] = PageRecord({0, 5, 9, 4000}, {0}, {-16, 9, 70000}, {5: (2, "syscall", "syscall", "")})
+    e.pages[4096] = PageRecord({4096}, {4096}, set(), {})
+    return e
+
+
+def test_round_trip():
+    e = entry()
+    back = decode(encode(e), e.key)
+    assert back == e
+
+
+def test_key_is_the_content():
+    assert key_of(CODE) == key_of(bytes(CODE))
+    assert key_of(CODE) != key_of(CODE[:-1] + b"\x00")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d[:len(d) // 2],                       # truncated
+    lambda d: d[:-1] + bytes([d[-1] ^ 1]),           # a flipped bit
+    lambda d: b"SBESCAN\x63" + d[8:],                # another format version
+    lambda d: b"",
+])
+def test_damaged_entries_are_refused(damage):
+    e = entry()
+    with pytest.raises(scancache.CorruptEntry):
+        decode(damage(encode(e)), e.key)
+
+
+def test_an_entry_for_other_content_is_refused():
+    e = entry()
+    with pytest.raises(scancache.CorruptEntry):
+        decode(encode(e), key_of(b"other"))
+
+
+def test_store_merges_what_runs_learn(tmp_path):
+    cache = ScanCache(str(tmp_path))
+    first = entry()
+    cache.store(first)
+    second = Entry(first.key, first.path, first.size)
+    second.pages[0] = PageRecord({12}, {12}, set(), {12: (2, "cpuid", "cpuid", "")})
+    second.pages[8192] = PageRecord({8192}, {8192}, set(), {})
+    cache.store(second)
+    got = cache.load(first.key)
+    assert got.pages[0].starts == {0, 5, 9, 12, 4000}
+    assert set(got.pages[0].sites) == {5, 12}
+    assert set(got.pages) == {0, 4096, 8192}
+
+
+def test_what_is_not_a_file_of_ours_is_a_miss(tmp_path):
+    cache = ScanCache(str(tmp_path))
+    e = entry()
+    os.mkfifo(cache.path_of(e.key))
+    assert cache.load(e.key) is None            # a fifo: not read (it would block)
+    os.unlink(cache.path_of(e.key))
+    os.mkdir(cache.path_of(e.key))
+    assert cache.load(e.key) is None            # a directory
+    cache.store(e)                              # cannot replace it: the run goes on
+    os.rmdir(cache.path_of(e.key))
+    os.symlink("/etc/passwd", cache.path_of(e.key))
+    assert cache.load(e.key) is None            # a link is not followed
+    os.unlink(cache.path_of(e.key))
+    cache.store(e)
+    assert cache.load(e.key) == e
+
+
+def test_a_directory_others_can_write_is_not_used(tmp_path):
+    os.chmod(tmp_path, 0o777)
+    cache = ScanCache(str(tmp_path))
+    assert not cache.usable
+    cache.store(entry())
+    assert os.listdir(tmp_path) == []
+    assert cache.load(entry().key) is None
+
+
+def test_an_unusable_directory_is_a_miss(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cache = ScanCache(str(blocker / "cache"))
+    assert not cache.usable and cache.load(entry().key) is None
+    cache.store(entry())
+
+
+def test_where_the_cache_lives():
+    assert scancache.default_directory({"SBE_CACHE_DIR": "/x"}) == "/x"
+    assert scancache.default_directory({"XDG_CACHE_HOME": "/c"}) == "/c/sbe"
+    assert scancache.default_directory({}).endswith(os.path.join(".cache", "sbe"))
+
+
+def test_entries_are_private(tmp_path):
+    cache = ScanCache(str(tmp_path / "new"))
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700

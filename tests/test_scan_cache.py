@@ -1,0 +1,123 @@
+"""The persistent scan cache in real runs: a warm run plants what a cold run scanned,
+with the same sites and native results, and a broken or stale cache never makes a
+run wrong."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import run_cmd, sbe_argv
+from sbe.meta.scancache import SUFFIX, CorruptEntry, decode
+
+MODES = ["emulate", "patch"]
+
+
+def sbe_run(argv, cache, tmp_path, mode="patch", extra=()):
+    stats, sites = tmp_path / "stats.json", tmp_path / "sites.json"
+    result = run_cmd(sbe_argv("run", "--mode", mode, "--cache-dir", str(cache), "--stats-json", str(stats),
+                              "--sites-out", str(sites), *extra, "--", *argv))
+    table = sorted((os.path.basename(r["module"]), r["offset"], r["kind"], r["strategy"])
+                   for r in json.loads(sites.read_text())["sites"])
+    return result, json.loads(stats.read_text()), table
+
+
+def entries(cache):
+    return sorted(p for p in os.listdir(cache) if p.endswith(SUFFIX))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["libc_dynamic", "branches", "sigcontext"])
+def test_a_warm_run_plants_what_the_cold_run_scanned(guests, tmp_path, name, mode):
+    cache = tmp_path / "cache"
+    native = run_cmd([str(guests / name)])
+    cold, cold_stats, cold_table = sbe_run([str(guests / name)], cache, tmp_path, mode)
+    warm, warm_stats, warm_table = sbe_run([str(guests / name)], cache, tmp_path, mode)
+    for run in (cold, warm):
+        assert (run.stdout, run.status) == (native.stdout, native.status)
+    assert warm_table == cold_table
+    assert cold_stats["pages_cached"] == 0 and cold_stats["pages_scanned"] > 3
+    # Only the vDSO, scanned whole at every start and not cached, is scanned again.
+    assert warm_stats["pages_scanned"] <= 2
+    assert warm_stats["pages_scanned"] + warm_stats["pages_cached"] == cold_stats["pages_scanned"]
+
+
+@pytest.mark.timeout(120)
+def test_broken_entries_are_ignored_and_rebuilt(guests, tmp_path):
+    cache = tmp_path / "cache"
+    argv = [str(guests / "libc_dynamic")]
+    native = run_cmd(argv)
+    sbe_run(argv, cache, tmp_path)
+    names = entries(cache)
+    assert names
+    for i, name in enumerate(names):
+        path = cache / name
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2] if i % 2 else data[:-1] + bytes([data[-1] ^ 0xFF]))
+    run, stats, _ = sbe_run(argv, cache, tmp_path, extra=["-v"])
+    assert (run.stdout, run.status) == (native.stdout, native.status)
+    assert b"Traceback" not in run.stderr and b"scan cache entry" in run.stderr
+    assert stats["pages_cached"] == 0
+    for name in names:      # rewritten whole by the run that found them broken
+        decode((cache / name).read_bytes(), name[:-len(SUFFIX)])
+    assert sbe_run(argv, cache, tmp_path)[1]["pages_cached"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_rebuilt_program_is_not_served_the_old_entry(tmp_path):
+    cache, source, prog = tmp_path / "cache", tmp_path / "p.c", tmp_path / "p"
+    outputs = []
+    for version in (1, 2):
+        source.write_text('#include <stdio.h>\nint main(void) { puts("version %d"); return %d; }\n'
+                          % (version, version))
+        subprocess.run(["gcc", "-O1", "-o", str(prog), str(source)], check=True)
+        native = run_cmd([str(prog)])
+        for _ in range(2):
+            run, _, _ = sbe_run([str(prog)], cache, tmp_path)
+            assert (run.stdout, run.status) == (native.stdout, native.status)
+        outputs.append(native.stdout)
+    assert outputs == [b"version 1\n", b"version 2\n"]
+
+
+@pytest.mark.timeout(60)
+def test_a_cache_others_may_write_is_not_used(guests, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o777)
+    os.chmod(cache, 0o777)
+    argv = [str(guests / "libc_dynamic")]
+    native = run_cmd(argv)
+    run, stats, _ = sbe_run(argv, cache, tmp_path)
+    assert (run.stdout, run.status) == (native.stdout, native.status)
+    assert entries(cache) == [] and stats["pages_cached"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_no_cache_saves_nothing(guests, tmp_path):
+    cache = tmp_path / "cache"
+    run, stats, _ = sbe_run([str(guests / "libc_dynamic")], cache, tmp_path, extra=["--no-cache"])
+    assert run.status == 0 and not cache.exists()
+
+
+@pytest.mark.timeout(180)
+def test_eight_runs_at_once_on_an_empty_cache(guests, tmp_path):
+    cache = tmp_path / "cache"
+    argv = [str(guests / "libc_dynamic")]
+    native = run_cmd(argv)
+    procs = [subprocess.Popen(sbe_argv("run", "--cache-dir", str(cache), "--", *argv),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(8)]
+    try:
+        results = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [(out, p.returncode) for (out, _), p in zip(results, procs)] == [(native.stdout, 0)] * 8
+    names = entries(cache)
+    assert names
+    for name in names:
+        try:
+            decode((cache / name).read_bytes(), name[:-len(SUFFIX)])
+        except CorruptEntry as e:
+            pytest.fail(f"{name}: {e}")
