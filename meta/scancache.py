@@ -33,6 +33,7 @@ from sbe.meta.files import replace_atomically
 log = logging.getLogger(__name__)
 
 VERSION = 1
+LIMIT = 256 << 20          # bytes of entries kept; least recently used go first
 MAGIC = b"SBESCAN" + bytes([VERSION])
 SUFFIX = ".scan"
 DIGEST = 32
@@ -127,8 +128,9 @@ class ScanCache:
     """One cache directory. Every failure to read or write is a miss, never an error
     of the run: the run scans as if the cache were empty."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, limit: int = LIMIT) -> None:
         self.directory = directory
+        self.limit = limit
         self.usable = self._check_directory()
 
     def _check_directory(self) -> bool:
@@ -151,28 +153,16 @@ class ScanCache:
         if not self.usable:
             return None
         path = self.path_of(key)
+        if not os.path.lexists(path):
+            return None
+        entry, why = self.inspect(key)
+        if entry is None:
+            log.info("scan cache entry %s ignored: %s", path, why)
+            return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            os.utime(path, (time.time(), os.stat(path).st_mtime))   # last used, for eviction
         except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                log.info("scan cache entry %s ignored: not a file of ours", path)
-                return None
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read()
-        except OSError as e:
-            log.info("scan cache entry %s unreadable: %s", path, e.strerror)
-            return None
-        finally:
-            os.close(fd)
-        try:
-            entry = decode(data, key)
-        except CorruptEntry as e:
-            log.info("scan cache entry %s ignored: %s", path, e)
-            return None
-        os.utime(path, (time.time(), st.st_mtime))   # last used: read by `sbe cache`
+            pass
         return entry
 
     def store(self, entry: Entry) -> None:
@@ -187,5 +177,60 @@ class ScanCache:
                     old.merge(entry)
                     entry = old
                 replace_atomically(self.path_of(entry.key), encode(entry))
+            self.evict()
         except OSError as e:
             log.info("scan cache entry for %s not saved: %s", entry.path, e.strerror)
+
+    def files(self) -> list[tuple[str, os.stat_result]]:
+        """(key, stat) of every entry file, least recently used first."""
+        found = []
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        for name in names:
+            if name.endswith(SUFFIX):
+                try:
+                    found.append((name[:-len(SUFFIX)], os.lstat(os.path.join(self.directory, name))))
+                except OSError:
+                    continue
+        return sorted(found, key=lambda f: f[1].st_atime)
+
+    def evict(self) -> int:
+        """Drop least recently used entries until the cache fits its limit."""
+        files = self.files()
+        total, dropped = sum(st.st_size for _, st in files), 0
+        for key, st in files:
+            if total <= self.limit:
+                break
+            self.remove(key)
+            total -= st.st_size
+            dropped += 1
+        return dropped
+
+    def remove(self, key: str) -> None:
+        for path in (self.path_of(key), os.path.join(self.directory, key + ".lock")):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def inspect(self, key: str) -> tuple[Entry | None, str]:
+        """The entry named `key` and "" if it is valid, else None and why not. Only a
+        regular file of ours is read: never a link, a fifo or a device."""
+        try:
+            fd = os.open(self.path_of(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            return None, e.strerror or str(e)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return None, "not a file of ours"
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return decode(f.read(), key), ""
+        except OSError as e:
+            return None, e.strerror or str(e)
+        except CorruptEntry as e:
+            return None, str(e)
+        finally:
+            os.close(fd)

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "sites": "print a saved site table",
     "scan": "list the sites of a program without running it",
     "doctor": "check what this machine supports (ptrace, seccomp, PKU, CPUID/TSC faulting)",
+    "cache": "list, check or clear the scan cache",
 }
 
 

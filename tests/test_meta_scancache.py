@@ -106,3 +106,15 @@ def test_where_the_cache_lives():
 def test_entries_are_private(tmp_path):
     cache = ScanCache(str(tmp_path / "new"))
     assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
+
+
+def test_least_recently_used_entries_go_first(tmp_path):
+    cache = ScanCache(str(tmp_path))
+    keys = [key_of(bytes([i])) for i in range(3)]
+    for i, key in enumerate(keys):
+        cache.store(entry(key))
+        os.utime(cache.path_of(key), (1000 + i, 1000 + i))
+    cache.load(keys[0])                        # used now: the newest
+    cache.limit = sum(os.path.getsize(cache.path_of(k)) for k in (keys[0], keys[2]))
+    assert cache.evict() == 1
+    assert [k for k, _ in cache.files()] == [keys[2], keys[0]]

@@ -121,3 +121,41 @@ def test_eight_runs_at_once_on_an_empty_cache(guests, tmp_path):
             decode((cache / name).read_bytes(), name[:-len(SUFFIX)])
         except CorruptEntry as e:
             pytest.fail(f"{name}: {e}")
+
+
+def sbe_cache(cache, *args):
+    result = run_cmd(sbe_argv("cache", *args, "--cache-dir", str(cache)))
+    assert b"Traceback" not in result.stderr
+    return result
+
+
+@pytest.mark.timeout(120)
+def test_the_cache_command(guests, tmp_path):
+    cache = tmp_path / "cache"
+    sbe_run([str(guests / "libc_dynamic")], cache, tmp_path)
+    names = entries(cache)
+    listed = json.loads(sbe_cache(cache, "list", "--format", "json").stdout)
+    assert sorted(e["key"] + SUFFIX for e in listed["entries"]) == names
+    mine = [e for e in listed["entries"] if e["module"] == str(guests / "libc_dynamic")]
+    assert len(mine) == 1 and mine[0]["valid"] and mine[0]["pages"] >= 1 and mine[0]["sites"] > 0
+    table = sbe_cache(cache, "list").stdout.decode()
+    assert "libc_dynamic" in table and table.splitlines()[0].split()[:2] == ["module", "bytes"]
+    stats = json.loads(sbe_cache(cache, "stats", "--format", "json").stdout)
+    assert stats["entries"] == len(names) and stats["broken"] == 0
+    assert stats["pages"] == sum(e["pages"] for e in listed["entries"])
+    assert sbe_cache(cache, "verify").status == 0
+    (cache / names[0]).write_bytes(b"junk")
+    verify = sbe_cache(cache, "verify", "--format", "json")
+    assert verify.status == 1
+    assert [b["key"] + SUFFIX for b in json.loads(verify.stdout)["broken"]] == [names[0]]
+    cleared = json.loads(sbe_cache(cache, "clear", "--format", "json").stdout)
+    assert cleared["removed"] == len(names) and entries(cache) == []
+    assert json.loads(sbe_cache(cache, "stats", "--format", "json").stdout)["entries"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_cache_command_refuses_a_directory_it_cannot_use(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = sbe_cache(blocker, "list")
+    assert result.status == 2 and result.stderr.count(b"\n") == 1
