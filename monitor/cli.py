@@ -21,7 +21,12 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with only the chosen subcommand's module imported and configured
+    (the first word of `argv` that names one): a
+    subcommand's imports (capstone, cffi, pyelftools) cost tens of milliseconds that
+    `sbe --help` or another subcommand should not pay."""
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     parser = argparse.ArgumentParser(
         prog="sbe",
         description="Scan-before-execute virtualizer: runs an unmodified x86-64 Linux "
@@ -31,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, help_text in SUBCOMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(f"sbe.monitor.cmd_{name}")
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
         module.configure(p)
@@ -39,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args._module.run(args)
     except KeyboardInterrupt:

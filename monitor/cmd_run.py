@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 
-from sbe.monitor.launch import LaunchError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +113,7 @@ def forward_signals(session) -> None:
 def run(args) -> int:
     from sbe.meta import sitesfile
     from sbe.meta.scancache import ScanCache, default_directory
+    from sbe.monitor.launch import LaunchError, resolve
     from sbe.monitor.session import Session
 
     setup_logging(args.verbose, args.log)
