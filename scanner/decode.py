@@ -7,15 +7,16 @@ a whole buffer in C, so the per-instruction cost is one tuple, not one foreign c
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 _CS = Cs(CS_ARCH_X86, CS_MODE_64)
 
 
-@dataclass(frozen=True, slots=True)
-class Insn:
+class Insn(NamedTuple):
+    """A tuple, not a dataclass: a page scan makes thousands, and a tuple is made
+    from capstone's own tuple at a fraction of the cost."""
     address: int
     size: int
     mnemonic: str
@@ -36,5 +37,4 @@ def decode_from(code: bytes, base: int, start: int) -> Iterator[Insn]:
     offset = start - base
     if not 0 <= offset < len(code):
         return
-    for address, size, mnemonic, op_str in _CS.disasm_lite(code[offset:], start):
-        yield Insn(address, size, mnemonic, op_str)
+    yield from map(Insn._make, _CS.disasm_lite(code[offset:], start))

@@ -35,20 +35,23 @@ class _Decoded:
     Decoding from one address goes on linearly past branches, so the descent and the
     sweep mostly find later instructions already decoded; a new linear run is needed
     only where control enters at an alignment not seen yet, and it stops as soon as
-    it falls into step with instructions decoded before.
+    it falls into step with instructions decoded before, or reaches a start an
+    earlier scan knows (`stops`: an extension scan goes no further, so decoding on
+    would be work thrown away).
     """
 
-    def __init__(self, code: bytes, base: int) -> None:
+    def __init__(self, code: bytes, base: int, stops: AbstractSet[int] = frozenset()) -> None:
         self._code = code
         self._base = base
         self._limit = base + len(code)
+        self._stops = stops
         self._at: dict[int, Insn | None] = {}
 
     def at(self, address: int) -> Insn | None:
         """The whole instruction starting at `address` (in the region), or None."""
         if address not in self._at:
             for insn in self._linear(address):
-                if insn.address in self._at:
+                if insn.address in self._at or (insn.address in self._stops and insn.address != address):
                     break
                 self._at[insn.address] = insn
             self._at.setdefault(address, None)
@@ -148,6 +151,50 @@ def _sweep_gap(decoded: _Decoded, start: int, stop: int, end: int) -> list[Insn]
     return run if address == stop or stop == end else []
 
 
+def _sweep(decoded: _Decoded, scan: RegionScan, reached: list[Insn], base: int, end: int,
+           known: AbstractSet[int]) -> None:
+    """Fill the gaps the descent left (`reached` grows with what is swept), then
+    descend from what swept code branches to, and sweep again, a few rounds."""
+    earlier = [insn for insn in (decoded.at(k) for k in known if base <= k < end) if insn is not None]
+    # Every byte of a decoded instruction but its first (`interior`), and every
+    # byte (`occupied`), kept up to date as instructions are claimed.
+    interior: set[int] = set()
+    occupied: set[int] = set()
+
+    def claim(insns) -> None:
+        for insn in insns:
+            inside = range(insn.address + 1, insn.end)
+            interior.update(inside)
+            occupied.update(inside)
+            occupied.add(insn.address)
+    claim(reached + earlier)
+    for _ in range(_SWEEP_ROUNDS):
+        swept = []
+        for start, stop in _gaps(reached + earlier, base, end):
+            if start == base:  # nothing decoded ends there: its alignment would be a guess
+                continue
+            run = _sweep_gap(decoded, start, stop, end)
+            if run and run[-1].end >= end and not is_terminator(run[-1].mnemonic, run[-1].op_str):
+                scan.outside.add(run[-1].end)   # falls through into the next region
+            swept += run
+        scan.swept += len(swept)
+        scan.starts.update(insn.address for insn in swept)
+        reached += swept
+        claim(swept)
+        # A target inside a decoded instruction would be decoded out of step
+        # with it; only clean entries are followed.
+        targets = {t for t in (direct_target(i.mnemonic, i.op_str) for i in swept)
+                   if t is not None and t not in interior}
+        # A new path may join decoded instructions at a start, never overlap them.
+        more, out = _descend(decoded, base, end, targets, known | scan.starts, occupied)
+        scan.outside |= out
+        if not more:
+            break
+        scan.starts.update(more)
+        reached += more.values()
+        claim(more.values())
+
+
 def scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
                 known: AbstractSet[int] = frozenset(), sweep: bool = True) -> RegionScan:
     """Scan [base, end); `code` is its bytes plus up to 15 more, `code[0]` at `base`.
@@ -165,38 +212,12 @@ def scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
     an offset no scan has decoded, and run unscanned.
     """
     entries = {e for e in entries if base <= e < end}
-    decoded = _Decoded(code, base)
+    decoded = _Decoded(code, base, known)
     found, outside = _descend(decoded, base, end, entries, known)
     scan = RegionScan(starts=set(found), outside=outside)
     reached = list(found.values())
     if sweep:
-        earlier = [insn for insn in (decoded.at(k) for k in known if base <= k < end) if insn is not None]
-        for _ in range(_SWEEP_ROUNDS):
-            swept = []
-            for start, stop in _gaps(reached + earlier, base, end):
-                if start == base:  # nothing decoded ends there: its alignment would be a guess
-                    continue
-                run = _sweep_gap(decoded, start, stop, end)
-                if run and run[-1].end >= end and not is_terminator(run[-1].mnemonic, run[-1].op_str):
-                    scan.outside.add(run[-1].end)   # falls through into the next region
-                swept += run
-            scan.swept += len(swept)
-            scan.starts.update(insn.address for insn in swept)
-            reached += swept
-            # A target inside a decoded instruction would be decoded out of step
-            # with it; only clean entries are followed.
-            interior = {b for insn in reached + earlier for b in range(insn.address + 1, insn.end)}
-            targets = {t for t in (direct_target(i.mnemonic, i.op_str) for i in swept)
-                       if t is not None and t not in interior}
-            # Every byte of a decoded instruction: a new path may join them at a start,
-            # never overlap them.
-            occupied = interior | {i.address for i in reached + earlier}
-            more, out = _descend(decoded, base, end, targets, known | scan.starts, occupied)
-            scan.outside |= out
-            if not more:
-                break
-            scan.starts.update(more)
-            reached += more.values()
+        _sweep(decoded, scan, reached, base, end, known)
     scan.insns = reached
     for insn in reached:
         kind = classify(insn.mnemonic, insn.op_str)
