@@ -25,7 +25,7 @@ GUESTS = [
     ("startup", "returns 0 at once: start-up and exit cost"),
 ]
 PY_CODE = "print(sum(i * i for i in range(25_000_000)))"
-NAMES = [g for g, _ in GUESTS] + ["ls", "sha256sum", "python3"]
+NAMES = [g for g, _ in GUESTS] + ["ls", "sha256sum", "python3", "true", "python3-pass", "sh50"]
 
 
 @dataclass
@@ -72,5 +72,9 @@ def all_workloads(tmp: Path) -> list[Workload]:
         Workload("sha256sum", [_which("sha256sum"), str(data)],
                  f"sha256sum of a {DATA_MIB} MiB file"),
         Workload("python3", [_python3(), "-c", PY_CODE], f"python3 -c '{PY_CODE}' (~1 s)"),
+        Workload("true", [_which("true")], "/bin/true: start-up alone, through ld.so and libc"),
+        Workload("python3-pass", [_python3(), "-c", "pass"], "python3 -c pass: an interpreter's start-up"),
+        Workload("sh50", ["/bin/sh", "-c", "for i in $(seq 50); do /bin/true; done"],
+                 "a shell running 50 short processes (one monitor for the whole tree)"),
     ]
     return out

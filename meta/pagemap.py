@@ -46,6 +46,11 @@ class PageState:
         self.starts |= starts
         self.targets |= targets
 
+    def arrived(self, address: int) -> None:
+        """Control reached `address` (a validated indirect branch target): it is a
+        root, for later windows and for the runs the scan cache serves."""
+        self.roots.add(address)
+
     def drop_starts(self, false) -> None:
         """Starts a later scan showed to lie inside real instructions."""
         self.starts -= false

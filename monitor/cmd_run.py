@@ -111,7 +111,6 @@ def forward_signals(session) -> None:
 
 
 def run(args) -> int:
-    from sbe.meta import sitesfile
     from sbe.meta.scancache import ScanCache, default_directory
     from sbe.monitor.launch import LaunchError, resolve
     from sbe.monitor.session import Session
@@ -150,6 +149,7 @@ def run(args) -> int:
         return SBE_FAILED
     if args.sites_out:
         try:
+            from sbe.meta import sitesfile
             sitesfile.save(args.sites_out, argv, args.mode, session.site_rows())
         except OSError as e:
             print(f"sbe: cannot write {args.sites_out}: {e.strerror}", file=sys.stderr)

@@ -360,7 +360,11 @@ class Session:
         if not space.knows(target):
             self.plant_count(self.patcher.scan(space, target, self.remote(thread), self.thread_rips(space),
                                                exclusive=len(space.users) == 1))
-        if space.pages.get(target) is not None:
+        state = space.pages.get(target)
+        if state is not None:
+            if target not in state.roots:
+                state.arrived(target)
+                space.learned(target)
             self.patcher.insert_branch_target(space, target)
 
     def remote(self, thread: Thread):

@@ -122,9 +122,7 @@ class Patcher:
             self._drop_false_sites(space, state, result.insns)
         state.learn(entries, result.starts, targets_of(result.insns))
         self.costs.swept += result.swept
-        binding = space.binding_of(page)
-        if binding is not None:
-            binding.touched.add(page)
+        space.learned(page)
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
         plans = self._plans(space, code, page, state, found, avoid, fresh or exclusive)
         return [self.plant(space, plan, code, page, remote) for plan in plans], result.outside
@@ -144,7 +142,10 @@ class Patcher:
         """Plant what a scan cache entry knows of the mapping `binding` names, whose
         bytes (as mapped, no patch yet) are the ones the entry was made from, and
         whose pages no thread can be running: each cached page is then as its scans
-        left it, without decoding it again. Returns the sites planted and the pages."""
+        left it, without decoding it again. Its roots (where earlier runs' control
+        arrived, indirect branch targets among them: instruction starts no window
+        covers) go into the branch table, so branch stubs go there without a trap
+        from the first execution. Returns the sites planted and the pages."""
         planted, pages = [], []
         base = binding.start
         for offset, record in sorted(entry.pages.items()):
@@ -161,6 +162,9 @@ class Patcher:
             for plan in self._plans(space, code, page, state, found, avoid, True):
                 planted.append(self.plant(space, plan, code, page, remote))
             pages.append(page)
+        for page in pages:
+            for root in space.pages.get(page).roots:
+                self.insert_branch_target(space, root)
         self.costs.pages_cached += len(pages)
         return planted, pages
 

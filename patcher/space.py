@@ -109,6 +109,13 @@ class AddressSpace:
     def binding_of(self, address: int) -> Binding | None:
         return next((b for b in self.bindings if b.start <= address < b.end), None)
 
+    def learned(self, address: int) -> None:
+        """Something was learned of the code at `address`: its mapping's cache entry
+        has news to save."""
+        binding = self.binding_of(address)
+        if binding is not None:
+            binding.touched.add(address & ~(PAGE - 1))
+
     def unbind(self, start: int, end: int) -> None:
         """The bytes of [start, end) may change: what was learned there is no longer
         the cached mapping's."""

@@ -46,6 +46,16 @@ def test_a_warm_run_plants_what_the_cold_run_scanned(guests, tmp_path, name, mod
 
 
 @pytest.mark.timeout(120)
+def test_branch_stubs_know_the_targets_earlier_runs_validated(guests, tmp_path):
+    """An indirect branch's first run to a target traps once to have it validated;
+    a warm run's branch table already holds the targets an earlier run validated."""
+    cache, argv = tmp_path / "cache", [str(guests / "branches")]
+    _, cold, _ = sbe_run(argv, cache, tmp_path)
+    _, warm, _ = sbe_run(argv, cache, tmp_path)
+    assert warm["traps"]["branch"] < cold["traps"]["branch"] / 2
+
+
+@pytest.mark.timeout(120)
 def test_broken_entries_are_ignored_and_rebuilt(guests, tmp_path):
     cache = tmp_path / "cache"
     argv = [str(guests / "libc_dynamic")]
