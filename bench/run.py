@@ -3,7 +3,8 @@
 
 Runs every workload under every runner REPEAT times, takes the median wall time, checks
 that stdout and the exit status equal the native run's, and writes a markdown report
-(--out, default bench/RESULTS.md) and results.json (all raw times) beside it.
+(--out, default bench/RESULTS.md) and its raw times as JSON beside it (results.json
+for RESULTS.md, NAME.json for another NAME.md).
 
 Cells: a runner that cannot run a trivial program (not installed, or sbe rejects
 `--mode patch`) is "n/a (reason)"; a run over --timeout is reported as a timeout and
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip", action="append", default=[], metavar="PAT",
                    help="do not run the matching cells (same forms as --only)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), metavar="FILE",
-                   help="markdown report (default bench/RESULTS.md); results.json goes beside it")
+                   help="markdown report (default bench/RESULTS.md); its raw times go beside it")
     p.add_argument("--sbe-root", default=str(rn.REPO), metavar="DIR",
                    help="run sbe from this checkout (default: this one), e.g. a `git archive` "
                         "snapshot while the work tree is being edited")
@@ -166,6 +167,12 @@ def measure(argv, repeat, timeout, env, cwd, ref=None) -> tuple[dict, tuple | No
     return cell, ref
 
 
+def raw_path(out: Path) -> Path:
+    """Where a report's raw times go: results.json for the default report, so one
+    report's numbers never overwrite another's."""
+    return out.parent / ("results.json" if out.name == "RESULTS.md" else out.stem + ".json")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python3 bench/run.py" + "".join(" " + shlex.quote(a) for a in
@@ -233,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.render(results))
-    (out.parent / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out} and {out.parent / 'results.json'}")
+    raw = raw_path(out)
+    raw.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out} and {raw}")
     for verdict, text in report.acceptance(results):
         print(f"  {verdict:4} {text}")
     if failed:

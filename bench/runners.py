@@ -43,7 +43,8 @@ def make_runners(sbe_root: Path = REPO) -> list[Runner]:
         Runner("patch-cold", [*sbe(sbe_root), "run", "--mode", "patch", "--no-cache", "--"], None,
                "sbe run --mode patch --no-cache (every page scanned)"),
         Runner("strace", ["strace", "-f", "-o", "/dev/null"], "strace", "strace -f -o /dev/null"),
-        Runner("valgrind", ["valgrind", "--tool=none", "-q"], "valgrind", "valgrind --tool=none -q"),
+        Runner("valgrind", ["valgrind", "--tool=none", "-q", "--trace-children=yes"], "valgrind",
+               "valgrind --tool=none -q --trace-children=yes"),
         Runner("qemu", ["qemu-x86_64", "-L", "/"], "qemu-x86_64", "qemu-x86_64 -L / (qemu-user)"),
     ]
 

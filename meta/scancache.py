@@ -132,6 +132,9 @@ class ScanCache:
         self.directory = directory
         self.limit = limit
         self.usable = self._check_directory()
+        # Entries this process read or wrote: a process tree execs the same programs
+        # over and over (a shell loop), and decoding an entry costs milliseconds.
+        self._known: dict[str, Entry] = {}
 
     def _check_directory(self) -> bool:
         try:
@@ -150,6 +153,18 @@ class ScanCache:
         return os.path.join(self.directory, key + SUFFIX)
 
     def load(self, key: str) -> Entry | None:
+        entry = self._known.get(key) or self._read(key)
+        if entry is None:
+            return None
+        self._known[key] = entry
+        try:
+            path = self.path_of(key)
+            os.utime(path, (time.time(), os.stat(path).st_mtime))   # last used, for eviction
+        except OSError:
+            pass
+        return entry
+
+    def _read(self, key: str) -> Entry | None:
         if not self.usable:
             return None
         path = self.path_of(key)
@@ -158,11 +173,6 @@ class ScanCache:
         entry, why = self.inspect(key)
         if entry is None:
             log.info("scan cache entry %s ignored: %s", path, why)
-            return None
-        try:
-            os.utime(path, (time.time(), os.stat(path).st_mtime))   # last used, for eviction
-        except OSError:
-            pass
         return entry
 
     def store(self, entry: Entry) -> None:
@@ -172,11 +182,12 @@ class ScanCache:
         try:
             with open(os.path.join(self.directory, entry.key + ".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                old = self.load(entry.key)
+                old = self._read(entry.key)      # what other runs wrote meanwhile too
                 if old is not None:
                     old.merge(entry)
                     entry = old
                 replace_atomically(self.path_of(entry.key), encode(entry))
+                self._known[entry.key] = entry
             self.evict()
         except OSError as e:
             log.info("scan cache entry for %s not saved: %s", entry.path, e.strerror)

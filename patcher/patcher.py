@@ -37,7 +37,7 @@ from sbe.patcher.sidecache import SideCache, find_gap
 from sbe.patcher.space import MAX_WINDOW, AddressSpace
 from sbe.scanner.decode import Insn
 from sbe.scanner.region import scan_page
-from sbe.scanner.window import Fallback, plan_windows, targets_of
+from sbe.scanner.window import Fallback, Window, plan_windows, targets_of
 from sbe.scanner.x86 import MAX_INSN
 
 INT3 = b"\xcc"
@@ -72,11 +72,24 @@ class PatchCosts:
     false_sites: int = 0
 
 
+def shifted(plan, delta: int):
+    """A plan moved by `delta` bytes (its page mapped elsewhere)."""
+    def move(insn):
+        return insn._replace(address=insn.address + delta)
+    if isinstance(plan, Fallback):
+        return Fallback(move(plan.site), plan.kind, plan.reason)
+    return Window(move(plan.site), plan.kind, plan.start + delta, plan.end + delta,
+                  tuple(map(move, plan.before)), tuple(map(move, plan.after)))
+
+
 class Patcher:
     def __init__(self, policy: PatchPolicy | None = None, cpu=None, costs: PatchCosts | None = None) -> None:
         self.policy = policy or PatchPolicy()
         self.cpu = cpu or cpuid_model.HOST
         self.costs = costs if costs is not None else PatchCosts()
+        # Plans of cached pages, made relative to their page: a process tree maps the
+        # same code again and again (every exec of a shell loop), at other addresses.
+        self._cached_plans: dict[tuple, list] = {}
 
     # -- scanning and planting -------------------------------------------------
     def scan(self, space: AddressSpace, address: int, remote=None, avoid: frozenset = frozenset(),
@@ -155,11 +168,8 @@ class Patcher:
                 continue
             state.learn({base + r for r in record.roots}, {base + s for s in record.starts},
                         {base + t for t in record.targets})
-            found = [(Insn(base + o, size, mnemonic, op_str), kind)
-                     for o, (size, kind, mnemonic, op_str) in sorted(record.sites.items())
-                     if base + o not in space.sites]
             code = space.original(page, PAGE + MAX_INSN)
-            for plan in self._plans(space, code, page, state, found, avoid, True):
+            for plan in self._cached_page_plans(space, binding, offset, record, code, page, state, avoid):
                 planted.append(self.plant(space, plan, code, page, remote))
             pages.append(page)
         for page in pages:
@@ -202,6 +212,26 @@ class Patcher:
                 self.unplant(space, site)
                 space.sites.remove(address)
                 self.costs.false_sites += 1
+
+    def _cached_page_plans(self, space, binding, offset, record, code, page, state, avoid) -> list:
+        """The plans for a cached page: made once per process for each version of its
+        record and mode, then moved to where the page is mapped this time (when no
+        thread stands near it and none of its sites is planted already)."""
+        found = [(Insn(page + o - offset, size, mnemonic, op_str), kind)
+                 for o, (size, kind, mnemonic, op_str) in sorted(record.sites.items())]
+        memo = (binding.key, offset, space.mode, len(record.starts), len(record.roots),
+                len(record.targets), len(record.sites))
+        # Not the mapping's last page: the bytes after it (which the plan may read)
+        # belong to whatever is mapped next, which differs from run to run.
+        reusable = (page + PAGE + MAX_INSN <= binding.end
+                    and not any(page - MAX_WINDOW <= a < page + PAGE + MAX_WINDOW for a in avoid)
+                    and not space.sites.in_range(page, page + PAGE))
+        if reusable and memo in self._cached_plans:
+            return [shifted(plan, page) for plan in self._cached_plans[memo]]
+        plans = self._plans(space, code, page, state, found, avoid, True)
+        if reusable:
+            self._cached_plans[memo] = [shifted(plan, -page) for plan in plans]
+        return plans
 
     def plant(self, space: AddressSpace, plan, code: bytes, base: int, remote=None) -> Site:
         insn, kind = plan.site, plan.kind
