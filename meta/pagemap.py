@@ -34,17 +34,20 @@ class PageState:
     roots: set = field(default_factory=set)    # every entry a scan started from: control
                                                # arrives there, so no window may cover one
     targets: set = field(default_factory=set)  # landing points the decoded code reveals
+    exits: set = field(default_factory=set)    # entries its code gives other pages
 
     def add_entry(self, address: int) -> None:
         self.entries.add(address)
 
-    def learn(self, entries, starts, targets) -> None:
-        """A scan from `entries` decoded `starts`, revealing `targets`."""
+    def learn(self, entries, starts, targets, exits=()) -> None:
+        """A scan from `entries` decoded `starts`, revealing `targets`, and `exits`
+        into other pages."""
         self.scanned = True
         self.entries.clear()
         self.roots |= entries
         self.starts |= starts
         self.targets |= targets
+        self.exits |= set(exits)
 
     def arrived(self, address: int) -> None:
         """Control reached `address` (a validated indirect branch target): it is a
@@ -57,12 +60,12 @@ class PageState:
 
     def reset(self) -> None:
         self.scanned = False
-        for learned in (self.starts, self.entries, self.roots, self.targets):
+        for learned in (self.starts, self.entries, self.roots, self.targets, self.exits):
             learned.clear()
 
     def copy(self) -> "PageState":
         return PageState(self.prot, self.scanned, set(self.starts), set(self.entries),
-                         set(self.roots), set(self.targets))
+                         set(self.roots), set(self.targets), set(self.exits))
 
 
 class PageMap:

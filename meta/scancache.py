@@ -12,7 +12,8 @@ sites; applying it (patcher/) plants those sites without decoding again.
 A cache can never make a run wrong: a file that is not a regular file of ours, has
 another magic, version or key, fails its checksum or does not parse is ignored (and
 rewritten by the next store), and so is a directory other users may write to.
-Writers merge under a lock (what one run learns is never lost to another) and
+Writers merge under a lock (pages one run scanned are added to what others saved;
+for a page both scanned, the newer decoding wins and the roots of both are kept) and
 publish by rename, so a reader never sees a torn entry.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sbe.meta.files import replace_atomically
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 LIMIT = 256 << 20          # bytes of entries kept; least recently used go first
 MAGIC = b"SBESCAN" + bytes([VERSION])
 SUFFIX = ".scan"
@@ -58,13 +59,18 @@ class PageRecord:
     roots: set = field(default_factory=set)
     targets: set = field(default_factory=set)
     sites: dict = field(default_factory=dict)   # offset -> (size, kind, mnemonic, op_str)
+    exits: set = field(default_factory=set)     # entries it gives other pages
 
-    def merge(self, other: "PageRecord") -> None:
-        self.starts |= other.starts
-        self.roots |= other.roots
-        self.targets |= other.targets
-        for offset, site in other.sites.items():
-            self.sites.setdefault(offset, site)
+    def merge(self, newer: "PageRecord") -> None:
+        """The newer scan's decoding of the page replaces this one's: starts from
+        two runs' decodings could overlap (a sweep's guess, which the other run's
+        ground truth dropped), and a trap planted inside a real instruction would
+        corrupt it. Roots (where control really arrived) are kept from both; those
+        the kept decoding lacks are scanned again when control comes there."""
+        roots = self.roots | newer.roots
+        self.starts, self.targets, self.sites, self.exits = (
+            newer.starts, newer.targets, newer.sites, newer.exits)
+        self.roots = roots
 
 
 @dataclass
@@ -87,7 +93,7 @@ def encode(entry: Entry) -> bytes:
     for offset, r in sorted(entry.pages.items()):
         pages[str(offset)] = {
             "starts": array("I", sorted(r.starts)).tobytes().hex(),
-            "roots": sorted(r.roots), "targets": sorted(r.targets),
+            "roots": sorted(r.roots), "targets": sorted(r.targets), "exits": sorted(r.exits),
             "sites": [[o, *r.sites[o]] for o in sorted(r.sites)],
         }
     payload = zlib.compress(json.dumps({"key": entry.key, "path": entry.path, "size": entry.size,
@@ -116,7 +122,8 @@ def decode(data: bytes, key: str) -> Entry:
             starts.frombytes(bytes.fromhex(p["starts"]))
             entry.pages[int(offset)] = PageRecord(
                 set(starts), set(map(int, p["roots"])), set(map(int, p["targets"])),
-                {int(o): (int(size), str(kind), str(mn), str(op)) for o, size, kind, mn, op in p["sites"]})
+                {int(o): (int(size), str(kind), str(mn), str(op)) for o, size, kind, mn, op in p["sites"]},
+                set(map(int, p["exits"])))
     except CorruptEntry:
         raise
     except (ValueError, KeyError, TypeError, zlib.error) as e:

@@ -133,7 +133,7 @@ class Patcher:
             self.costs.pages_scanned += 1
         else:
             self._drop_false_sites(space, state, result.insns)
-        state.learn(entries, result.starts, targets_of(result.insns))
+        state.learn(entries, result.starts, targets_of(result.insns), result.outside)
         self.costs.swept += result.swept
         space.learned(page)
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
@@ -167,14 +167,20 @@ class Patcher:
             if state is None or state.scanned or page >= binding.end:
                 continue
             state.learn({base + r for r in record.roots}, {base + s for s in record.starts},
-                        {base + t for t in record.targets})
+                        {base + t for t in record.targets}, {base + x for x in record.exits})
             code = space.original(page, PAGE + MAX_INSN)
             for plan in self._cached_page_plans(space, binding, offset, record, code, page, state, avoid):
                 planted.append(self.plant(space, plan, code, page, remote))
             pages.append(page)
         for page in pages:
-            for root in space.pages.get(page).roots:
+            state = space.pages.get(page)
+            for root in state.roots & state.starts:
                 self.insert_branch_target(space, root)
+        # What the cached pages' code enters other pages at, as a scan of them would
+        # have recorded: entries of unscanned pages, or extensions of scanned ones.
+        exits = {x for page in pages for x in space.pages.get(page).exits}
+        for x in self._outside(space, exits):
+            planted += self.scan(space, x, remote, avoid)
         self.costs.pages_cached += len(pages)
         return planted, pages
 

@@ -133,7 +133,8 @@ class AddressSpace:
                 {s - base for s in state.starts}, {r - base for r in state.roots},
                 {t - base for t in state.targets},
                 {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str)
-                 for s in self.sites.in_range(page, page + PAGE)})
+                 for s in self.sites.in_range(page, page + PAGE)},
+                {x - base for x in state.exits})
         return entry
 
     # -- side caches -----------------------------------------------------------

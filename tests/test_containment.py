@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conftest import run_cmd, run_sbe
+from sbe.monitor.session import Session
 from verifying import VerifyingSession
 
 
@@ -65,3 +66,33 @@ def test_sample_guests_have_no_escapes(guests, tmp_path):
     for name in ["rawsys", "branches", "libc_dynamic"]:
         run_sbe([str(guests / name)], extra=["--stats-json", str(stats)])
         assert json.loads(stats.read_text())["escapes"] == {}, name
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["emulate", "patch"])
+def test_a_cached_page_gives_other_pages_their_entries(guests, tmp_path, mode):
+    """pagejump's first page, cached by a run that never left it, jumps into a page
+    no run has scanned, at an offset that page's own first entry does not lead to:
+    the scan of that page must know it, as it would had the first page been
+    scanned in this run (or the hidden `write` runs unscanned: an escape)."""
+    from sbe.meta.scancache import ScanCache
+    path = str(guests / "pagejump")
+    assert Session([path], path, mode=mode, cache=ScanCache(str(tmp_path))).run() == 0
+    session = VerifyingSession([path, "x"], path, mode=mode, cache=ScanCache(str(tmp_path)))
+    assert session.run() == 0
+    assert session.stats.patching.pages_cached == 1
+    assert session.violations == [] and sum(session.stats.escapes.values()) == 0
+
+
+@pytest.mark.timeout(300)
+def test_warm_runs_are_contained(guests, tmp_path, capfd):
+    """A warm run of one program on a cache another program filled (so it runs
+    library pages the cache holds and pages it does not, entered from cached ones)
+    executes nothing a scan has not decoded."""
+    from sbe.meta.scancache import ScanCache
+    assert Session(["/bin/true"], "/bin/true", cache=ScanCache(str(tmp_path))).run() == 0
+    session = VerifyingSession([str(guests / "exit3")], str(guests / "exit3"), cache=ScanCache(str(tmp_path)))
+    assert session.run() == 3
+    assert session.stats.patching.pages_cached > 10 and session.stats.patching.pages_scanned > 1
+    assert session.stepped > 50000
+    assert session.violations == []
