@@ -220,13 +220,13 @@ class Patcher:
                 self.costs.false_sites += 1
 
     def _cached_page_plans(self, space, binding, offset, record, code, page, state, avoid) -> list:
-        """The plans for a cached page: made once per process for each version of its
+        """The plans for a cached page: made once per process for each content of its
         record and mode, then moved to where the page is mapped this time (when no
         thread stands near it and none of its sites is planted already)."""
         found = [(Insn(page + o - offset, size, mnemonic, op_str), kind)
                  for o, (size, kind, mnemonic, op_str) in sorted(record.sites.items())]
-        memo = (binding.key, offset, space.mode, len(record.starts), len(record.roots),
-                len(record.targets), len(record.sites))
+        memo = (binding.key, offset, space.mode, frozenset(record.starts), frozenset(record.roots),
+                frozenset(record.targets), frozenset(record.sites.items()))
         # Not the mapping's last page: the bytes after it (which the plan may read)
         # belong to whatever is mapped next, which differs from run to run.
         reusable = (page + PAGE + MAX_INSN <= binding.end
