@@ -15,12 +15,9 @@ libc = ffi.dlopen(None)
 
 PTRACE_TRACEME = 0
 PTRACE_CONT = 7
-PTRACE_KILL = 8
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
-PTRACE_ATTACH = 16
-PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
@@ -38,8 +35,6 @@ PTRACE_EVENT_FORK = 1
 PTRACE_EVENT_VFORK = 2
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_EXEC = 4
-PTRACE_EVENT_VFORK_DONE = 5
-PTRACE_EVENT_EXIT = 6
 PTRACE_EVENT_SECCOMP = 7
 
 TRACE_OPTIONS = (
@@ -47,12 +42,9 @@ TRACE_OPTIONS = (
     | PTRACE_O_TRACEEXEC | PTRACE_O_TRACESECCOMP | PTRACE_O_EXITKILL
 )
 
-REG_NAMES = (
-    "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags "
-    "rsp ss fs_base gs_base ds es fs gs"
-).split()
-
 WALL = 0x40000000
+RESUME_NAMES = {PTRACE_CONT: "PTRACE_CONT", PTRACE_SINGLESTEP: "PTRACE_SINGLESTEP",
+                PTRACE_SYSCALL: "PTRACE_SYSCALL"}
 
 
 class PtraceError(OSError):
@@ -76,12 +68,8 @@ def setoptions(pid: int, options: int = TRACE_OPTIONS) -> None:
 
 
 def resume(pid: int, sig: int = 0, request: int = PTRACE_CONT) -> None:
-    _check(libc.ptrace(request, pid, ffi.NULL, ffi.cast("void *", sig)), "PTRACE_CONT", pid)
-
-
-def try_resume(pid: int, sig: int = 0, request: int = PTRACE_CONT) -> bool:
-    """Resume, tolerating a task that died meanwhile (SIGKILL from elsewhere)."""
-    return libc.ptrace(request, pid, ffi.NULL, ffi.cast("void *", sig)) != -1
+    _check(libc.ptrace(request, pid, ffi.NULL, ffi.cast("void *", sig)),
+           RESUME_NAMES.get(request, f"ptrace({request})"), pid)
 
 
 def new_regs():
