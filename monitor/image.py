@@ -45,6 +45,7 @@ def setup_image(session, thread) -> None:
     mem.write(gadget.GADGET_BASE, gadget.CODE)
     session.stats.remote_syscalls += 1
     space.maps_changed()
+    syscall = session.remote(thread)     # the gadget exists from here on
     with open(f"/proc/{thread.tid}/maps") as f:
         maps = parse_maps(f.read())
     for m in maps:
@@ -58,18 +59,15 @@ def setup_image(session, thread) -> None:
         cached = set(codecache.bind(session, thread, m.start, m.end, m.path))
         unscanned = [p for p in range(m.start, m.end, PAGE) if p not in cached]
         for start, end in codecache.runs_of(unscanned):
-            session.stats.remote_syscalls += 1
-            r = remote.inject(thread, SYS.mprotect, start, end - start, prot & ~PROT_EXEC)
+            r = syscall(SYS.mprotect, start, end - start, prot & ~PROT_EXEC)
             if r < 0:
                 raise SetupError(f"cannot make {m.path or 'code'} at {start:#x} non-executable ({r})")
     for m in maps:
         if m.path == "[vdso]":
-            scan_vdso(session, space, m.start, m.end, session.remote(thread))
-    if session.cpuid_faulting:
-        session.stats.remote_syscalls += 1
-        if remote.inject(thread, SYS.arch_prctl, ARCH_SET_CPUID, 0) < 0:
-            log.info("CPUID faulting unavailable: a cpuid the scanner misses runs natively")
-            session.cpuid_faulting = False
+            scan_vdso(session, space, m.start, m.end, syscall)
+    if session.cpuid_faulting and syscall(SYS.arch_prctl, ARCH_SET_CPUID, 0) < 0:
+        log.info("CPUID faulting unavailable: a cpuid the scanner misses runs natively")
+        session.cpuid_faulting = False
 
 
 def vdso_entries(image: bytes, base: int) -> set[int]:
