@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SIGTRAP_SYSCALL = signal.SIGTRAP | 0x80
 SEGV_ACCERR = 2
+TRAP_FLAG = 0x100
 CLONE_VM = 0x100
 CLONE_THREAD = 0x10000
 
@@ -314,6 +315,14 @@ class Session:
             regs.rip = done.resume
             if rip == gadget.SYSCALL_TRAP:
                 regs.rcx = done.site.end    # what the site's own syscall would have left
+            pt.setregs(thread.tid, regs)
+            return Resume()
+        if space is not None and space.in_cache(rip) and regs.eflags & TRAP_FLAG:
+            # A single-step trap inside a stub, with the trap flag still set: a step
+            # of the monitor's own (signal delivery through a stub) whose flag came
+            # back with the signal frame. Stub instructions are not the guest's, so
+            # the trap is not the guest's either; the flag goes, the stub goes on.
+            regs.eflags &= ~TRAP_FLAG
             pt.setregs(thread.tid, regs)
             return Resume()
         return self.deliver(thread, signal.SIGTRAP)
