@@ -7,7 +7,7 @@ a rebuilt or replaced file never matches an old entry, and every offset is relat
 to the mapping's start, so ASLR does not matter. An entry holds, for each page the
 runs scanned, the instruction starts, the roots scans started from (branch targets
 validated at run time among them), the landing points the code reveals, and the
-sites; applying it (patcher/) plants those sites without decoding again.
+sites; applying it (patcher/) plants those sites with their kinds, windows and strategieswithout decoding again.
 
 A cache can never make a run wrong: a file that is not a regular file of ours, has
 another magic, version or key, fails its checksum or does not parse is ignored (and
@@ -33,7 +33,7 @@ from sbe.meta.files import replace_atomically
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 LIMIT = 256 << 20          # bytes of entries kept; least recently used go first
 MAGIC = b"SBESCAN" + bytes([VERSION])
 SUFFIX = ".scan"
@@ -58,7 +58,7 @@ class PageRecord:
     starts: set = field(default_factory=set)
     roots: set = field(default_factory=set)
     targets: set = field(default_factory=set)
-    sites: dict = field(default_factory=dict)   # offset -> (size, kind, mnemonic, op_str)
+    sites: dict = field(default_factory=dict)   # offset -> (size, kind, mnemonic, op_str, plan)
     exits: set = field(default_factory=set)     # entries it gives other pages
 
     def merge(self, newer: "PageRecord") -> None:
@@ -68,8 +68,12 @@ class PageRecord:
         corrupt it. Roots (where control really arrived) are kept from both; those
         the kept decoding lacks are scanned again when control comes there."""
         roots = self.roots | newer.roots
+        # A run that kept no plan for a site (emulate mode, say) loses none another
+        # run made for the same instruction: plans are checked before use anyway.
+        sites = {o: self.sites[o] if site[4] is None and self.sites.get(o, (None,))[:4] == site[:4]
+                 else site for o, site in newer.sites.items()}
         self.starts, self.targets, self.sites, self.exits = (
-            newer.starts, newer.targets, newer.sites, newer.exits)
+            newer.starts, newer.targets, sites, newer.exits)
         self.roots = roots
 
 
@@ -122,13 +126,25 @@ def decode(data: bytes, key: str) -> Entry:
             starts.frombytes(bytes.fromhex(p["starts"]))
             entry.pages[int(offset)] = PageRecord(
                 set(starts), set(map(int, p["roots"])), set(map(int, p["targets"])),
-                {int(o): (int(size), str(kind), str(mn), str(op)) for o, size, kind, mn, op in p["sites"]},
+                {int(o): (int(size), str(kind), str(mn), str(op), _plan(plan))
+                 for o, size, kind, mn, op, plan in p["sites"]},
                 set(map(int, p["exits"])))
     except CorruptEntry:
         raise
     except (ValueError, KeyError, TypeError, zlib.error) as e:
         raise CorruptEntry(f"unreadable ({type(e).__name__})") from None
     return entry
+
+
+def _plan(doc):
+    """A site's plan as encode() wrote it: None, a reason, or a window's
+    (start, end, before, after) with (offset, size, mnemonic, op_str) instructions."""
+    if doc is None or isinstance(doc, str):
+        return doc
+    start, end, before, after = doc
+    def insns(rows):
+        return tuple((int(o), int(n), str(mn), str(op)) for o, n, mn, op in rows)
+    return (int(start), int(end), insns(before), insns(after))
 
 
 class ScanCache:

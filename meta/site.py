@@ -47,6 +47,9 @@ class Site:
     # What a handler derives once from the instruction (e.g. a branch's operand) and
     # keeps, so a trap does not decode it again.
     decoded: dict = field(default_factory=dict, repr=False)
+    # The scanner's plan the site was planted from, when the scan cache may keep it
+    # (a function of the page's bytes and scan alone); None otherwise.
+    plan: object = field(default=None, repr=False)
 
     @property
     def strategy(self) -> str:

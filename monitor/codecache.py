@@ -21,7 +21,9 @@ def bind(session, thread, start: int, end: int, path: str) -> list[int]:
     """Bind the code mapping [start, end) of `path`; returns the pages planted from
     the cache (the caller makes them executable)."""
     cache, space = session.cache, thread.space
-    if cache is None or not path.startswith("/"):
+    # Files, and the vDSO (the kernel's, the same for every process); not anonymous
+    # code, which a JIT rewrites at will.
+    if cache is None or not (path.startswith("/") or path == "[vdso]"):
         return []
     code = space.mem.read_upto(start, end - start)
     binding = Binding(start, start + len(code), key_of(code), path)

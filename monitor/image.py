@@ -2,16 +2,15 @@
 
 At the exec's syscall-exit stop: map the gadget at its fixed address (the seccomp
 filter, which survives exec, allows syscalls from there), make every executable
-mapping non-executable so its first fetch faults into the scanner, scan the vDSO
-eagerly (the kernel refuses to mprotect it), and arm CPUID faulting where the CPU has
+mapping non-executable so its first fetch faults into the scanner (or plant what the
+scan cache knows of it), scan the vDSO eagerly (the kernel refuses to mprotect it),
+and arm CPUID faulting where the CPU has
 it (exec resets it).
 """
 from __future__ import annotations
 
 import io
 import logging
-
-from elftools.elf.elffile import ELFFile
 
 from sbe.meta.module import parse_maps
 from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
@@ -64,7 +63,11 @@ def setup_image(session, thread) -> None:
                 raise SetupError(f"cannot make {m.path or 'code'} at {start:#x} non-executable ({r})")
     for m in maps:
         if m.path == "[vdso]":
-            scan_vdso(session, space, m.start, m.end, syscall)
+            pages = range(m.start, m.end, PAGE)
+            if set(codecache.bind(session, thread, m.start, m.end, m.path)) != set(pages):
+                scan_vdso(session, space, m.start, m.end, syscall)
+            for page in pages:
+                space.pages.mark_scanned(page)
     if session.cpuid_faulting and syscall(SYS.arch_prctl, ARCH_SET_CPUID, 0) < 0:
         log.info("CPUID faulting unavailable: a cpuid the scanner misses runs natively")
         session.cpuid_faulting = False
@@ -72,6 +75,7 @@ def setup_image(session, thread) -> None:
 
 def vdso_entries(image: bytes, base: int) -> set[int]:
     """The vDSO's exported functions: the only ways into it."""
+    from elftools.elf.elffile import ELFFile   # only when the scan cache has no vDSO
     elf = ELFFile(io.BytesIO(image))
     low = min(s["p_vaddr"] for s in elf.iter_segments() if s["p_type"] == "PT_LOAD")
     entries = set()
@@ -84,11 +88,20 @@ def vdso_entries(image: bytes, base: int) -> set[int]:
 
 
 def scan_vdso(session, space, start: int, end: int, remote) -> None:
-    """The vDSO stays executable (mprotect on it fails), so it is scanned whole now.
-    Its pages with no code left unscanned by the entries are marked scanned too:
-    they hold the ELF headers and data, and nothing else is reachable."""
-    for entry in sorted(vdso_entries(space.mem.read(start, end - start), start)):
+    """The vDSO stays executable (mprotect on it fails), so it is scanned whole now,
+    unless the scan cache knows it (it is the kernel's: the same in every process):
+    from its exported functions, then from every entry that code gives its other
+    pages, since no fetch fault will come to scan those either. Its pages with no
+    code left are then marked scanned: they hold the ELF headers and data, and
+    nothing else is reachable."""
+    # No thread runs the vDSO yet (the exec'd one stands at the image's entry), so
+    # windows may go into its pages even after they were first scanned.
+    avoid = session.thread_rips(space)
+    work = sorted(vdso_entries(space.mem.read(start, end - start), start), reverse=True)
+    while work:
+        entry = work.pop()
         if start <= entry < end:
-            session.plant_count(session.patcher.scan(space, entry, remote))
-    for page in range(start, end, PAGE):
-        space.pages.mark_scanned(page)
+            session.plant_count(session.patcher.scan(space, entry, remote, avoid, exclusive=True))
+        if not work:
+            work = sorted((e for page in range(start, end, PAGE) for e in space.pages.get(page).entries),
+                          reverse=True)

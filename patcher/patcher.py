@@ -31,7 +31,7 @@ from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, P
                               PROT_WRITE, page_of)
 from sbe.meta.site import Patch, Site
 from sbe.meta.syscalls import SYS
-from sbe.patcher import gadget, stubs
+from sbe.patcher import cachedplan, gadget, stubs
 from sbe.patcher.emit import EmitError, compose
 from sbe.patcher.sidecache import SideCache, find_gap
 from sbe.patcher.space import MAX_WINDOW, AddressSpace
@@ -80,6 +80,11 @@ def shifted(plan, delta: int):
         return Fallback(move(plan.site), plan.kind, plan.reason)
     return Window(move(plan.site), plan.kind, plan.start + delta, plan.end + delta,
                   tuple(map(move, plan.before)), tuple(map(move, plan.after)))
+
+
+def _near(avoid: frozenset, page: int) -> frozenset:
+    """The addresses of `avoid` a window in `page` could hold."""
+    return frozenset(a for a in avoid if page - MAX_WINDOW <= a < page + PAGE + MAX_WINDOW)
 
 
 class Patcher:
@@ -138,7 +143,8 @@ class Patcher:
         space.learned(page)
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
         plans = self._plans(space, code, page, state, found, avoid, fresh or exclusive)
-        return [self.plant(space, plan, code, page, remote) for plan in plans], result.outside
+        near = _near(avoid, page)
+        return [self.plant(space, plan, code, page, remote, near) for plan in plans], result.outside
 
     @staticmethod
     def _plans(space, code, page, state, found, avoid, may_write_windows: bool):
@@ -169,8 +175,9 @@ class Patcher:
             state.learn({base + r for r in record.roots}, {base + s for s in record.starts},
                         {base + t for t in record.targets}, {base + x for x in record.exits})
             code = space.original(page, PAGE + MAX_INSN)
-            for plan in self._cached_page_plans(space, binding, offset, record, code, page, state, avoid):
-                planted.append(self.plant(space, plan, code, page, remote))
+            near = _near(avoid, page)
+            for plan in self._cached_page_plans(space, binding, offset, record, code, page, state, near):
+                planted.append(self.plant(space, plan, code, page, remote, near))
             pages.append(page)
         for page in pages:
             state = space.pages.get(page)
@@ -219,32 +226,39 @@ class Patcher:
                 space.sites.remove(address)
                 self.costs.false_sites += 1
 
-    def _cached_page_plans(self, space, binding, offset, record, code, page, state, avoid) -> list:
-        """The plans for a cached page: made once per process for each content of its
-        record and mode, then moved to where the page is mapped this time (when no
-        thread stands near it and none of its sites is planted already)."""
-        found = [(Insn(page + o - offset, size, mnemonic, op_str), kind)
-                 for o, (size, kind, mnemonic, op_str) in sorted(record.sites.items())]
+    def _cached_page_plans(self, space, binding, offset, record, code, page, state, near) -> list:
+        """The plans for a cached page: the ones its record keeps, when they pass
+        their check; else made once per process for each content of its record and
+        mode, then moved to where the page is mapped this time. Either only when no
+        thread stands near the page (`near`) and none of its sites is planted already."""
+        reusable = not near and not space.sites.in_range(page, page + PAGE)
+        if reusable and space.mode == "patch":
+            kept = cachedplan.from_record(record, binding.start)
+            if kept is not None:
+                return kept
+        found = [(Insn(page + o - offset, site[0], site[2], site[3]), site[1])
+                 for o, site in sorted(record.sites.items())]
         memo = (binding.key, offset, space.mode, frozenset(record.starts), frozenset(record.roots),
                 frozenset(record.targets), frozenset(record.sites.items()))
-        # Not the mapping's last page: the bytes after it (which the plan may read)
+        # Not the mapping's last page: the bytes after it (which planning may read)
         # belong to whatever is mapped next, which differs from run to run.
-        reusable = (page + PAGE + MAX_INSN <= binding.end
-                    and not any(page - MAX_WINDOW <= a < page + PAGE + MAX_WINDOW for a in avoid)
-                    and not space.sites.in_range(page, page + PAGE))
+        reusable = reusable and page + PAGE + MAX_INSN <= binding.end
         if reusable and memo in self._cached_plans:
             return [shifted(plan, page) for plan in self._cached_plans[memo]]
-        plans = self._plans(space, code, page, state, found, avoid, True)
+        plans = self._plans(space, code, page, state, found, near, True)
         if reusable:
             self._cached_plans[memo] = [shifted(plan, -page) for plan in plans]
         return plans
 
-    def plant(self, space: AddressSpace, plan, code: bytes, base: int, remote=None) -> Site:
+    def plant(self, space: AddressSpace, plan, code: bytes, base: int, remote=None,
+              avoid: frozenset = frozenset()) -> Site:
+        """Plant the site `plan` names, as it says or as an int3 when its stub cannot
+        be made. `avoid`: the addresses its planning kept windows off."""
         insn, kind = plan.site, plan.kind
         module, offset = space.modules.locate(insn.address)
         raw = code[insn.address - base:insn.address - base + insn.size]
         site = Site(insn.address, insn.size, kind, insn.mnemonic, insn.op_str, raw,
-                    module=module, offset=offset)
+                    module=module, offset=offset, plan=cachedplan.keepable(plan, avoid))
         if isinstance(plan, Fallback):
             site.reason = plan.reason
         elif self.policy.forced(kind, module, offset):
@@ -289,6 +303,7 @@ class Patcher:
         self.unplant(space, site)
         space.sites.set_patch(site, None)
         site.reason = reason
+        site.plan = None
         self.costs.fallbacks[reason] += 1
         space.mem.write(site.address, INT3)
 
@@ -421,8 +436,9 @@ class Patcher:
             else:
                 plans = [Fallback(i, k, "emulate mode") for i, k in found]
             hits = {s.address: s.hits for s in old}
+            near = _near(avoid, page)
             for plan in plans:
-                self.plant(space, plan, code, page, remote).hits = hits.get(plan.site.address, 0)
+                self.plant(space, plan, code, page, remote, near).hits = hits.get(plan.site.address, 0)
         if space.branch_table:
             space.mem.write(space.branch_table, bytes(BRANCH_TABLE_SIZE))
         return sum(len(v) for v in by_page.values())

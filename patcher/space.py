@@ -14,6 +14,7 @@ from sbe.meta.module import ModuleMap, parse_maps
 from sbe.meta.pagemap import PAGE, PageMap
 from sbe.meta.scancache import Entry, PageRecord
 from sbe.meta.site import Site, SiteTable
+from sbe.patcher import cachedplan
 from sbe.patcher.sidecache import SideCache
 from sbe.scanner.decode import decode_from
 from sbe.scanner.x86 import MAX_INSN
@@ -132,7 +133,7 @@ class AddressSpace:
             entry.pages[page - base] = PageRecord(
                 {s - base for s in state.starts}, {r - base for r in state.roots},
                 {t - base for t in state.targets},
-                {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str)
+                {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str, cachedplan.to_record(s.plan, base))
                  for s in self.sites.in_range(page, page + PAGE)},
                 {x - base for x in state.exits})
         return entry

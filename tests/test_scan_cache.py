@@ -40,9 +40,10 @@ def test_a_warm_run_plants_what_the_cold_run_scanned(guests, tmp_path, name, mod
         assert (run.stdout, run.status) == (native.stdout, native.status)
     assert warm_table == cold_table
     assert cold_stats["pages_cached"] == 0 and cold_stats["pages_scanned"] > 3
-    # Only the vDSO, scanned whole at every start and not cached, is scanned again.
-    assert warm_stats["pages_scanned"] <= 2
-    assert warm_stats["pages_scanned"] + warm_stats["pages_cached"] == cold_stats["pages_scanned"]
+    # Nothing is scanned again, the vDSO included (its header page, marked scanned
+    # without a scan, comes from the cache too).
+    assert warm_stats["pages_scanned"] == 0
+    assert warm_stats["pages_cached"] >= cold_stats["pages_scanned"]
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,72 @@
+"""Site plans kept in the scan cache, so a warm run plants without planning.
+
+Planning a page's windows decodes the neighbours of every site again (thousands of
+capstone calls for a process's libc), yet a plan is a function of the page's bytes
+and of what its scans knew, which is exactly what a cache entry is keyed by and
+holds. So each site's record keeps the plan it was planted from: its window (start,
+end, the displaced instructions before and after it) or the reason it stays a trap.
+
+Only plans that are such a function are kept: a trap because of the mode, the
+policy, a thread standing nearby or a side cache that could not be had is not, and a
+site whose window a later discovery broke (a demotion) keeps none; a page with a
+site that has no plan is planned afresh. A kept plan is trusted only after it is
+checked against the record it comes with: every instruction it names is one of the
+page's instruction starts, its window is those instructions end to end, no root or
+target lies strictly inside it, and no two windows or sites overlap. An entry merged
+from several runs' scans can thus never plant a window the page's decoding forbids.
+"""
+from __future__ import annotations
+
+from sbe.scanner.decode import Insn
+from sbe.scanner.window import REASONS, Fallback, Window
+
+
+def keepable(plan, avoid) -> object:
+    """What of `plan` a site may keep for the cache: the plan itself, or None when it
+    depends on more than the page's bytes and scan (`avoid`: addresses planning kept
+    windows off for this run only)."""
+    if isinstance(plan, Window):
+        return plan
+    return plan if plan.reason in REASONS and not avoid else None
+
+
+def to_record(plan, base: int):
+    """`plan` (a Window, a Fallback or None) as the cache keeps it, relative to `base`."""
+    if plan is None:
+        return None
+    if isinstance(plan, Fallback):
+        return plan.reason
+    def rel(insns):
+        return tuple((i.address - base, i.size, i.mnemonic, i.op_str) for i in insns)
+    return (plan.start - base, plan.end - base, rel(plan.before), rel(plan.after))
+
+
+def from_record(record, base: int) -> list | None:
+    """The plans for every site of a cached page whose mapping starts at `base`, or
+    None when one of them has no plan or fails its check."""
+    plans, spans = [], []
+    for offset, (size, kind, mnemonic, op_str, kept) in sorted(record.sites.items()):
+        site = Insn(base + offset, size, mnemonic, op_str)
+        if isinstance(kept, str):
+            plans.append(Fallback(site, kind, kept))
+            spans.append((offset, offset + size))
+            continue
+        if kept is None:
+            return None
+        start, end, before, after = kept
+        insns = (*before, (offset, size, mnemonic, op_str), *after)
+        at = start
+        for o, n, _, _ in insns:
+            if o != at or o not in record.starts:
+                return None
+            at += n
+        if at != end or any(a in record.roots or a in record.targets for a in range(start + 1, end)):
+            return None
+        plans.append(Window(site, kind, base + start, base + end,
+                            tuple(Insn(base + o, *rest) for o, *rest in before),
+                            tuple(Insn(base + o, *rest) for o, *rest in after)))
+        spans.append((start, end))
+    spans.sort()
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None
+    return plans

@@ -1,0 +1,86 @@
+"""Plans kept in the scan cache: what comes back is what was planned, and a kept
+plan the record's own decoding does not bear out is never used."""
+from __future__ import annotations
+
+from sbe.meta.scancache import PageRecord
+from sbe.patcher import cachedplan
+from sbe.scanner.region import scan_page
+from sbe.scanner.window import Fallback, Window, plan_windows, targets_of
+
+PAGE = 0x7f0000001000
+# mov eax, 39; syscall; mov rdi, rax; cpuid; ret; then padding
+CODE = (b"\xb8\x27\x00\x00\x00" b"\x0f\x05" b"\x48\x89\xc7" b"\x0f\xa2" b"\xc3").ljust(4096 + 15, b"\xcc")
+
+
+def planned(base: int):
+    """The page's plans, and its record (offsets from `base`), as a run leaves them."""
+    scan = scan_page(CODE, PAGE, {PAGE})
+    targets = targets_of(scan.insns) | {PAGE}
+    plans = plan_windows(CODE, PAGE, PAGE + 4096, scan.starts, scan.sites, targets)
+    record = PageRecord({s - base for s in scan.starts}, {PAGE - base}, {t - base for t in targets},
+                        {p.site.address - base: (p.site.size, p.kind, p.site.mnemonic, p.site.op_str,
+                                                 cachedplan.to_record(p, base)) for p in plans})
+    return plans, record
+
+
+def test_kept_plans_come_back_where_the_page_is_mapped_next():
+    plans, record = planned(PAGE - 0x3000)
+    assert any(isinstance(p, Window) and (p.before or p.after) for p in plans)
+    back = cachedplan.from_record(record, 0x5550000000)
+    delta = 0x5550000000 - (PAGE - 0x3000)
+    assert [(p.site.address, p.kind) for p in back] == [(p.site.address + delta, p.kind) for p in plans]
+    for got, want in zip(back, plans):
+        assert type(got) is type(want)
+        if isinstance(want, Window):
+            assert (got.start, got.end) == (want.start + delta, want.end + delta)
+            assert [i.address - delta for i in got.insns] == [i.address for i in want.insns]
+            assert [i[1:] for i in got.insns] == [i[1:] for i in want.insns]
+
+
+def _with(record, offset, plan):
+    sites = dict(record.sites)
+    sites[offset] = (*sites[offset][:4], plan)
+    return PageRecord(record.starts, record.roots, record.targets, sites, record.exits)
+
+
+def test_a_kept_plan_the_record_does_not_bear_out_is_refused():
+    plans, record = planned(PAGE)
+    window = next(p for p in plans if isinstance(p, Window) and len(p.insns) > 1)
+    offset = window.site.address - PAGE
+    start, end, before, after = cachedplan.to_record(window, PAGE)
+    inside = window.insns[1].address - PAGE
+    assert cachedplan.from_record(record, PAGE) is not None
+    # a root inside the window (control arrives there)
+    assert cachedplan.from_record(PageRecord(record.starts, record.roots | {inside}, record.targets,
+                                             record.sites, record.exits), PAGE) is None
+    # an instruction the page's decoding does not have
+    assert cachedplan.from_record(PageRecord(record.starts - {inside}, record.roots, record.targets,
+                                             record.sites, record.exits), PAGE) is None
+    # a window that is not its instructions end to end
+    assert cachedplan.from_record(_with(record, offset, (start, end + 1, before, after)), PAGE) is None
+    # a site with no plan: the page is planned afresh
+    assert cachedplan.from_record(_with(record, offset, None), PAGE) is None
+
+
+def test_windows_that_overlap_another_site_are_refused():
+    plans, record = planned(PAGE)
+    sites = [p for p in plans]
+    assert len(sites) >= 2
+    first, second = sites[0], sites[1]
+    # stretch the first window over the second site
+    start, end, before, after = (first.site.address - PAGE, second.site.address + second.site.size - PAGE,
+                                 (), ())
+    kept = (start, end, before, tuple((i.address - PAGE, i.size, i.mnemonic, i.op_str)
+                                      for i in scan_page(CODE, PAGE, {PAGE}).insns
+                                      if first.site.end <= i.address < PAGE + end))
+    assert cachedplan.from_record(_with(record, first.site.address - PAGE, kept), PAGE) is None
+
+
+def test_only_plans_of_the_bytes_and_the_scan_are_kept():
+    plans, _ = planned(PAGE)
+    window = next(p for p in plans if isinstance(p, Window))
+    assert cachedplan.keepable(window, frozenset({1})) is window
+    assert cachedplan.keepable(Fallback(window.site, window.kind, "basic block too short"), frozenset()) is not None
+    assert cachedplan.keepable(Fallback(window.site, window.kind, "basic block too short"), frozenset({1})) is None
+    assert cachedplan.keepable(Fallback(window.site, window.kind, "emulate mode"), frozenset()) is None
+    assert cachedplan.keepable(Fallback(window.site, window.kind, "found after its page ran"), frozenset()) is None
