@@ -10,13 +10,19 @@ GUESTS := build/guests
 # Bytecode is compiled here, as pip does for an installed package: an editable
 # install leaves it to the first run, and where PYTHONDONTWRITEBYTECODE is set every
 # run would compile sbe again (70 ms of each start).
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed build/.native
 	@$(PY) -m compileall -q __init__.py __main__.py handlers meta monitor patcher scanner >/dev/null
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
+
+# The C scanner (scanner/region.c, built with cffi against the capstone wheel's own
+# libcapstone.so and headers); without it sbe scans with scanner/region.py.
+build/.native: $(VENV)/.installed scanner/region.c tools/build_native.py
+	$(PY) tools/build_native.py
+	@mkdir -p build && touch $@
 
 guests:
 	$(MAKE) -s -C guests OUT=$(abspath $(GUESTS))

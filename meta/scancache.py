@@ -40,9 +40,11 @@ SUFFIX = ".scan"
 DIGEST = 32
 
 
-def key_of(code: bytes) -> str:
-    """The entry's name for a mapping holding `code`."""
-    return hashlib.sha256(MAGIC + code).hexdigest()
+def key_of(code: bytes, maker: bytes = b"") -> str:
+    """The entry's name for a mapping holding `code`. `maker`: a digest of the code
+    that makes what entries hold (scanner, planner, stubs), so that what other code
+    made (another sbe, a fix to a stub) is never served."""
+    return hashlib.sha256(MAGIC + maker + code).hexdigest()
 
 
 def default_directory(environ=os.environ) -> str:
@@ -58,7 +60,7 @@ class PageRecord:
     starts: set = field(default_factory=set)
     roots: set = field(default_factory=set)
     targets: set = field(default_factory=set)
-    sites: dict = field(default_factory=dict)   # offset -> (size, kind, mnemonic, op_str, plan)
+    sites: dict = field(default_factory=dict)   # offset -> (size, kind, mnemonic, op_str, plan, stub)
     exits: set = field(default_factory=set)     # entries it gives other pages
 
     def merge(self, newer: "PageRecord") -> None:
@@ -126,8 +128,8 @@ def decode(data: bytes, key: str) -> Entry:
             starts.frombytes(bytes.fromhex(p["starts"]))
             entry.pages[int(offset)] = PageRecord(
                 set(starts), set(map(int, p["roots"])), set(map(int, p["targets"])),
-                {int(o): (int(size), str(kind), str(mn), str(op), _plan(plan))
-                 for o, size, kind, mn, op, plan in p["sites"]},
+                {int(o): (int(size), str(kind), str(mn), str(op), _plan(plan), _stub(stub))
+                 for o, size, kind, mn, op, plan, stub in p["sites"]},
                 set(map(int, p["exits"])))
     except CorruptEntry:
         raise
@@ -145,6 +147,21 @@ def _plan(doc):
     def insns(rows):
         return tuple((int(o), int(n), str(mn), str(op)) for o, n, mn, op in rows)
     return (int(start), int(end), insns(before), insns(after))
+
+
+def _stub(doc):
+    """A site's stub template as encode() wrote it: None, or (code in hex, trap,
+    resume, displaced (offset, original), fields (offset, target, space),
+    anchors (target, module, offset))."""
+    if doc is None:
+        return None
+    code, trap, resume, displaced, fields, anchors = doc
+    bytes.fromhex(code)            # hex, or the entry is corrupt
+    def optional(value):
+        return None if value is None else int(value)
+    return (str(code), optional(trap), optional(resume), tuple((int(o), int(a)) for o, a in displaced),
+            tuple((int(o), int(t), str(sp)) for o, t, sp in fields),
+            tuple((int(t), str(m), int(o)) for t, m, o in anchors))
 
 
 class ScanCache:

@@ -50,6 +50,8 @@ class Site:
     # The scanner's plan the site was planted from, when the scan cache may keep it
     # (a function of the page's bytes and scan alone); None otherwise.
     plan: object = field(default=None, repr=False)
+    # Its stub detached from where it lies, for the scan cache (with the plan).
+    template: object = field(default=None, repr=False)
 
     @property
     def strategy(self) -> str:

@@ -8,13 +8,32 @@ is as safe as planting a page at its first fetch.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import os
 
 from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE
 from sbe.meta.scancache import key_of
 from sbe.patcher.space import Binding
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def maker() -> bytes:
+    """A digest of the sources whose output an entry holds (the scanner's decoding,
+    the planner's windows, the stub templates and their composition): an entry is
+    a function of a mapping's bytes and of this code."""
+    digest = hashlib.sha256()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for package in ("scanner", "patcher"):
+        directory = os.path.join(root, package)
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name), "rb") as f:
+                    digest.update(name.encode() + b"\0" + f.read())
+    return digest.digest()
 
 
 def bind(session, thread, start: int, end: int, path: str) -> list[int]:
@@ -26,7 +45,7 @@ def bind(session, thread, start: int, end: int, path: str) -> list[int]:
     if cache is None or not (path.startswith("/") or path == "[vdso]"):
         return []
     code = space.mem.read_upto(start, end - start)
-    binding = Binding(start, start + len(code), key_of(code), path)
+    binding = Binding(start, start + len(code), key_of(code, maker()), path)
     space.bindings.append(binding)
     entry = cache.load(binding.key)
     if entry is None:

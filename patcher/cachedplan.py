@@ -1,4 +1,5 @@
-"""Site plans kept in the scan cache, so a warm run plants without planning.
+"""Site plans and stubs kept in the scan cache, so a warm run plants without
+planning or composing.
 
 Planning a page's windows decodes the neighbours of every site again (thousands of
 capstone calls for a process's libc), yet a plan is a function of the page's bytes
@@ -9,7 +10,9 @@ end, the displaced instructions before and after it) or the reason it stays a tr
 Only plans that are such a function are kept: a trap because of the mode, the
 policy, a thread standing nearby or a side cache that could not be had is not, and a
 site whose window a later discovery broke (a demotion) keeps none; a page with a
-site that has no plan is planned afresh. A kept plan is trusted only after it is
+site that has no plan is planned afresh. With a window goes its stub's template
+(patcher.emit.detached: bytes and the addresses its fields name, relative to the
+mapping), placed where this run's side cache has room. A kept plan is trusted only after it is
 checked against the record it comes with: every instruction it names is one of the
 page's instruction starts, its window is those instructions end to end, no root or
 target lies strictly inside it, and no two windows or sites overlap. An entry merged
@@ -17,6 +20,7 @@ from several runs' scans can thus never plant a window the page's decoding forbi
 """
 from __future__ import annotations
 
+from sbe.patcher.emit import Stub
 from sbe.scanner.decode import Insn
 from sbe.scanner.window import REASONS, Fallback, Window
 
@@ -45,7 +49,7 @@ def from_record(record, base: int) -> list | None:
     """The plans for every site of a cached page whose mapping starts at `base`, or
     None when one of them has no plan or fails its check."""
     plans, spans = [], []
-    for offset, (size, kind, mnemonic, op_str, kept) in sorted(record.sites.items()):
+    for offset, (size, kind, mnemonic, op_str, kept, _) in sorted(record.sites.items()):
         site = Insn(base + offset, size, mnemonic, op_str)
         if isinstance(kept, str):
             plans.append(Fallback(site, kind, kept))
@@ -70,3 +74,23 @@ def from_record(record, base: int) -> list | None:
     if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
         return None
     return plans
+
+
+def template_to_record(template):
+    """A stub template (patcher's (detached Stub, anchors)) as the cache keeps it."""
+    if template is None:
+        return None
+    stub, anchors = template
+    return (stub.code.hex(), stub.trap, stub.resume, stub.displaced, stub.fields, anchors)
+
+
+def templates_of(record) -> list:
+    """((site offset, window start, window end), template) for each site of the
+    record that keeps a window and its stub's template."""
+    found = []
+    for offset, (_, _, _, _, kept, doc) in record.sites.items():
+        if isinstance(kept, tuple) and doc is not None:
+            code, trap, resume, displaced, fields, anchors = doc
+            found.append(((offset, kept[0], kept[1]),
+                          (Stub(bytes.fromhex(code), trap, resume, displaced, fields), anchors)))
+    return found

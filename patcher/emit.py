@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from sbe.patcher import stubs
 from sbe.patcher.relocate import ScratchInUse, load_operand, relocate
+from sbe.scanner.x86 import MASK64
 
 
 class EmitError(ValueError):
@@ -24,15 +25,38 @@ class Stub:
     trap: int | None      # offset of the body's int3
     resume: int | None    # offset where the stub goes on after that trap
     displaced: tuple = () # (offset in the stub, original address) of each displaced insn
+    # (offset in the stub, target, "guest" or "cache") of each rel32 it holds: what
+    # `moved` re-aims when the same stub is wanted for the same code mapped elsewhere.
+    fields: tuple = ()
 
 
-def _relocated(insns, original, window_start: int, at: int, placed: list) -> bytes:
+# The body fields that name the side cache's header; the others name guest code.
+_CACHE_FIELDS = frozenset({"gadget_slot", "cpuid_table", "branch_table"})
+
+
+def _relocated(insns, original, window_start: int, at: int, placed: list, fields: list,
+               stub_at: int) -> bytes:
     out = b""
     for insn in insns:
         raw = original[insn.address - window_start:insn.address - window_start + insn.size]
         placed.append((at + len(out), insn.address))
-        out += relocate(raw, insn.address, at + len(out))
+        out += _aimed(relocate, raw, insn.address, at + len(out), fields, stub_at)
     return out
+
+
+def _aimed(encode, raw, old: int, new: int, fields: list, stub_at: int, *args) -> bytes:
+    """`encode`'s instruction at `new`, its re-aimed rel32 (if any) noted in `fields`."""
+    found: list = []
+    code = encode(raw, old, new, *args, fields=found)
+    for offset, target, mask in found:
+        fields.append((new - stub_at + offset, target, "guest" if mask == MASK64 else "guest32"))
+    return code
+
+
+def _filled(body, here: int, values: dict, fields: list, stub_at: int) -> bytes:
+    for name, offset in body.fields.items():
+        fields.append((here - stub_at + offset, values[name], "cache" if name in _CACHE_FIELDS else "guest"))
+    return stubs.fill(body, here, values)
 
 
 def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -> Stub:
@@ -40,7 +64,8 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
     `at` in `cache`."""
     try:
         placed: list = []
-        code = _relocated(window.before, window_bytes, window.start, at, placed)
+        fields: list = []
+        code = _relocated(window.before, window_bytes, window.start, at, placed, fields, at)
         site_raw = window_bytes[site_insn.address - window.start:site_insn.address - window.start + site_insn.size]
         here = at + len(code)
         trap = resume = None
@@ -48,21 +73,21 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
                   "cpuid_table": cache.cpuid_table, "branch_table": cache.branch_slot}
         if kind == "syscall":
             body = stubs.syscall_body()
-            code += stubs.fill(body, here, values)
+            code += _filled(body, here, values, fields, at)
             trap, resume = here - at + body.trap, here - at + body.trap + 2
         elif kind == "cpuid":
             body = stubs.cpuid_body()
-            code += stubs.fill(body, here, values)
+            code += _filled(body, here, values, fields, at)
             trap, resume = here - at + body.trap, here - at + body.trap + 1
         elif kind in ("rdtsc", "rdtscp"):
-            code += relocate(site_raw, site_insn.address, here)   # the host clock: native
+            code += _aimed(relocate, site_raw, site_insn.address, here, fields, at)   # the host clock: native
         elif kind == "branch":
             is_call = site_insn.mnemonic.split()[-1] == "call"
             for scratch in ("r11", "r10"):
                 head, tail = stubs.branch_parts(is_call, scratch)
                 try:
-                    load = load_operand(site_raw, site_insn.address, here + len(head.code), scratch,
-                                        stubs.BRANCH_BIAS)
+                    load = _aimed(load_operand, site_raw, site_insn.address, here + len(head.code), fields,
+                                  at, scratch, stubs.BRANCH_BIAS)
                     break
                 except ScratchInUse:
                     continue
@@ -70,17 +95,48 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
                 raise EmitError("operand uses both scratch registers")
             code += head.code + load
             tail_at = at + len(code)
-            code += stubs.fill(tail, tail_at, values)
+            code += _filled(tail, tail_at, values, fields, at)
             trap = tail_at - at + tail.trap
-            return Stub(code, trap, None, _offsets(placed, at))   # a branch leaves for its target
+            return Stub(code, trap, None, _offsets(placed, at), tuple(fields))   # a branch leaves for its target
         else:
             raise EmitError(f"no stub for kind {kind}")
-        code += _relocated(window.after, window_bytes, window.start, at + len(code), placed)
+        code += _relocated(window.after, window_bytes, window.start, at + len(code), placed, fields, at)
+        fields.append((len(code) + 1, window.end, "guest"))
         code += stubs.jmp5(at + len(code), window.end)
-        return Stub(code, trap, resume, _offsets(placed, at))
+        return Stub(code, trap, resume, _offsets(placed, at), tuple(fields))
     except ValueError as e:
         raise EmitError(str(e)) from None
 
 
 def _offsets(placed, at: int) -> tuple:
     return tuple((address - at, original) for address, original in placed)
+
+
+def detached(stub: Stub, guest_base: int, cache_base: int) -> Stub:
+    """The stub with every address it names made relative: guest code's to
+    `guest_base`, the side cache's to `cache_base`. Its bytes stay as they are;
+    `placed` re-aims every field, wherever the stub was composed."""
+    return Stub(stub.code, stub.trap, stub.resume,
+                tuple((offset, original - guest_base) for offset, original in stub.displaced),
+                tuple((offset, target - (cache_base if space == "cache" else guest_base), space)
+                      for offset, target, space in stub.fields))
+
+
+def placed(template: Stub, at: int, guest_base: int, cache_base: int) -> Stub | None:
+    """A detached stub placed at `at`, for code whose addresses are relative to
+    `guest_base`, in a side cache at `cache_base`: the same bytes with every rel32
+    re-aimed. None when a target is out of reach from there, or a field is one whose
+    arithmetic wraps at 32 bits (the `eip` form), which is composed afresh instead."""
+    code = bytearray(template.code)
+    fields = []
+    for offset, target, space in template.fields:
+        if space == "guest32":
+            return None
+        target += cache_base if space == "cache" else guest_base
+        disp = target - (at + offset + 4)
+        if not -(1 << 31) <= disp < (1 << 31):
+            return None
+        code[offset:offset + 4] = disp.to_bytes(4, "little", signed=True)
+        fields.append((offset, target, space))
+    return Stub(bytes(code), template.trap, template.resume,
+                tuple((offset, original + guest_base) for offset, original in template.displaced), tuple(fields))

@@ -32,12 +32,12 @@ from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, P
 from sbe.meta.site import Patch, Site
 from sbe.meta.syscalls import SYS
 from sbe.patcher import cachedplan, gadget, stubs
-from sbe.patcher.emit import EmitError, compose
+from sbe.patcher.emit import EmitError, compose, detached, placed
 from sbe.patcher.sidecache import SideCache, find_gap
 from sbe.patcher.space import MAX_WINDOW, AddressSpace
 from sbe.scanner.decode import Insn
-from sbe.scanner.region import scan_page
-from sbe.scanner.window import Fallback, Window, plan_windows, targets_of
+from sbe.scanner.scan import scan_page
+from sbe.scanner.window import Fallback, Window, plan_windows
 from sbe.scanner.x86 import MAX_INSN
 
 INT3 = b"\xcc"
@@ -95,6 +95,9 @@ class Patcher:
         # Plans of cached pages, made relative to their page: a process tree maps the
         # same code again and again (every exec of a shell loop), at other addresses.
         self._cached_plans: dict[tuple, list] = {}
+        self._templates: dict[tuple, tuple] = {}     # see _stub
+        # Kept plans of cached pages, checked once per record, relative to their page.
+        self._kept_plans: dict[tuple, tuple] = {}
 
     # -- scanning and planting -------------------------------------------------
     def scan(self, space: AddressSpace, address: int, remote=None, avoid: frozenset = frozenset(),
@@ -137,8 +140,8 @@ class Patcher:
         if fresh:
             self.costs.pages_scanned += 1
         else:
-            self._drop_false_sites(space, state, result.insns)
-        state.learn(entries, result.starts, targets_of(result.insns), result.outside)
+            self._drop_false_sites(space, state, result.sizes)
+        state.learn(entries, result.starts, result.targets, result.outside)
         self.costs.swept += result.swept
         space.learned(page)
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
@@ -207,14 +210,14 @@ class Patcher:
                 other.add_entry(out)
         return more
 
-    def _drop_false_sites(self, space, state, insns) -> None:
+    def _drop_false_sites(self, space, state, sizes: dict) -> None:
         """An extension scan starts where execution really goes, so its decoding is
         ground truth: an earlier start (and site) strictly inside one of its
         instructions came from decoding out of step (a call's fall-through into
         padding, say) and is dropped, its patch undone."""
         interior = set()
-        for insn in insns:
-            interior.update(range(insn.address + 1, insn.end))
+        for start, size in sizes.items():
+            interior.update(range(start + 1, start + size))
         false = interior & state.starts
         if not false:
             return
@@ -233,9 +236,16 @@ class Patcher:
         thread stands near the page (`near`) and none of its sites is planted already."""
         reusable = not near and not space.sites.in_range(page, page + PAGE)
         if reusable and space.mode == "patch":
-            kept = cachedplan.from_record(record, binding.start)
-            if kept is not None:
-                return kept
+            checked = self._kept_plans.get((binding.key, offset))
+            if checked is None or checked[0] is not record:     # records are never changed
+                checked = (record, cachedplan.from_record(record, page - offset))
+                if checked[1] is not None:
+                    checked = (record, [shifted(plan, -page) for plan in checked[1]])
+                    self.known_templates(binding, cachedplan.templates_of(record))
+                self._kept_plans[binding.key, offset] = checked
+            if checked[1] is not None:
+                return [shifted(plan, page) for plan in checked[1]]
+            space.learned(page)    # plans to keep, for the next run
         found = [(Insn(page + o - offset, site[0], site[2], site[3]), site[1])
                  for o, site in sorted(record.sites.items())]
         memo = (binding.key, offset, space.mode, frozenset(record.starts), frozenset(record.roots),
@@ -277,10 +287,10 @@ class Patcher:
     def _plant_jmp5(self, space, site: Site, window, window_bytes: bytes, remote) -> None:
         t0 = time.perf_counter()
         cache = self.cache_for(space, window.start, window.end, remote)
-        stub = compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
-                       window, window_bytes, cache.next, cache)
+        stub, template = self._stub(space, site, window, window_bytes, cache)
         if not cache.room(len(stub.code)):
             raise EmitError("side cache full")
+        site.template = template
         at = cache.take(len(stub.code))
         space.mem.write(at, stub.code)
         site.patch = Patch(
@@ -291,6 +301,40 @@ class Patcher:
         space.mem.write(window.start, stubs.jmp5(window.start, at) + INT3 * (window.end - window.start - 5))
         space.sites.add(site)
         self.costs.stub_seconds += time.perf_counter() - t0
+
+    def _stub(self, space, site: Site, window, window_bytes: bytes, cache: SideCache):
+        """The site's stub at the cache's next free byte, and its template (the stub
+        detached from where it lies, for the scan cache) when its code is a bound
+        mapping. A process tree maps the same code again and again (every exec of a
+        shell loop) at other addresses, and a warm run maps what an earlier run did:
+        a template known for the window is placed rather than composed again, when
+        every guest address it names moved with the mapping (each still lies in the
+        same module at the same offset)."""
+        binding = space.binding_of(site.address)
+        if binding is None:
+            return compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
+                           window, window_bytes, cache.next, cache), None
+        base = binding.start
+        key = (binding.key, site.address - base, window.start - base, window.end - base)
+        template = self._templates.get(key)
+        if template is not None:
+            stub, anchors = template
+            if all(space.modules.locate(base + target) == (path, offset) for target, path, offset in anchors):
+                stub = placed(stub, cache.next, base, cache.start)
+                if stub is not None:
+                    return stub, template
+        stub = compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
+                       window, window_bytes, cache.next, cache)
+        anchors = tuple((target - base, *space.modules.locate(target))
+                        for _, target, kind in stub.fields if kind == "guest")
+        template = self._templates[key] = (detached(stub, base, cache.start), anchors)
+        return stub, template
+
+    def known_templates(self, binding, templates) -> None:
+        """Templates a scan cache entry kept for `binding`'s windows: (site offset,
+        window start, window end) -> template, offsets relative to the mapping."""
+        for (site, start, end), template in templates:
+            self._templates.setdefault((binding.key, site, start, end), template)
 
     def unplant(self, space: AddressSpace, site: Site) -> None:
         """Put the original bytes back under the site's patch (the site stays in the
@@ -303,7 +347,7 @@ class Patcher:
         self.unplant(space, site)
         space.sites.set_patch(site, None)
         site.reason = reason
-        site.plan = None
+        site.plan = site.template = None
         self.costs.fallbacks[reason] += 1
         space.mem.write(site.address, INT3)
 

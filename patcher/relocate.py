@@ -154,12 +154,13 @@ def _rip_disp(target: int, end: int, mask: int) -> int | None:
     return _signed(delta, 32)
 
 
-def relocate(code: bytes, old: int, new: int) -> bytes:
+def relocate(code: bytes, old: int, new: int, fields: list | None = None) -> bytes:
     """The instruction `code`, which lived at `old`, encoded to do the same at `new`.
 
     Raises NotRelocatable for what depends on its own address in a way that is not a
     rip-relative operand (see the module docstring), and for a rip-relative operand
-    out of reach from `new`.
+    out of reach from `new`. `fields` gets (offset in the instruction, target, mask)
+    for the rel32 it re-aimed, if any.
     """
     code = bytes(code)
     size, refusal, offset, mask = _decode(code, old)
@@ -171,6 +172,8 @@ def relocate(code: bytes, old: int, new: int) -> bytes:
     disp = _rip_disp(target, new + size, mask)
     if disp is None:
         raise NotRelocatable(f"{code.hex()}: {target:#x} is out of rel32 reach of {new:#x}")
+    if fields is not None:
+        fields.append((offset, target, mask))
     return b"".join((code[:offset], struct.pack("<i", disp), code[offset + 4:]))
 
 
@@ -253,7 +256,8 @@ def _displacement(disp: int) -> tuple[int, bytes]:
     return 2, struct.pack("<i", disp)
 
 
-def load_operand(code: bytes, old: int, new: int, scratch: str, rsp_bias: int) -> bytes:
+def load_operand(code: bytes, old: int, new: int, scratch: str, rsp_bias: int,
+                 fields: list | None = None) -> bytes:
     """`mov scratch, <operand>`: the target of the indirect `jmp`/`call` `code`.
 
     The load runs at `new`, in a stub whose rsp is `rsp_bias` bytes below what the
@@ -261,7 +265,7 @@ def load_operand(code: bytes, old: int, new: int, scratch: str, rsp_bias: int) -
     as a base gets `rsp_bias` added to its displacement (`call rsp` itself becomes
     `lea scratch, [rsp + rsp_bias]`). Raises ScratchInUse when the operand reads
     `scratch`, NotRelocatable when no load can match the branch, and ValueError when
-    `code` is not an indirect near `jmp`/`call`.
+    `code` is not an indirect near `jmp`/`call`. `fields` as for `relocate`.
     """
     code = bytes(code)
     dest = _REGISTERS.get(scratch)
@@ -282,7 +286,7 @@ def load_operand(code: bytes, old: int, new: int, scratch: str, rsp_bias: int) -
     head = bytes(filter(None, (segment, _ADDRESS_SIZE if addr32 else None)))
     head += bytes((_rex(dest, extend_index, extend_base), _LOAD))
     if memory.base == _RIP:
-        return _rip_load(code, old, new, head, dest, memory.disp, addr32)
+        return _rip_load(code, old, new, head, dest, memory.disp, addr32, fields)
     if memory.base == _RSP and rsp_bias:
         return _rsp_load(code, head, dest, memory, addr32, rsp_bias)
     return head + bytes((_modrm(memory.mod, dest, memory.rm),)) + code[at + 2:]  # SIB, disp as they are
@@ -340,13 +344,15 @@ def _memory_operand(code: bytes, at: int, extend_index: int, extend_base: int) -
 
 
 def _rip_load(code: bytes, old: int, new: int, head: bytes, dest: int, disp: int,
-              addr32: bool) -> bytes:
+              addr32: bool, fields: list | None) -> bytes:
     """The load at `new`, `head` then its ModRM, from [rip + disp] re-aimed."""
     mask = _MASK32 if addr32 else MASK64
     target = (old + len(code) + disp) & mask
     new_disp = _rip_disp(target, new + len(head) + 5, mask)
     if new_disp is None:
         raise NotRelocatable(f"{code.hex()}: {target:#x} is out of rel32 reach of {new:#x}")
+    if fields is not None:
+        fields.append((len(head) + 1, target, mask))
     return head + bytes((_modrm(0, dest, 5),)) + struct.pack("<i", new_disp)
 
 

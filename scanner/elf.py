@@ -14,7 +14,7 @@ from typing import NamedTuple
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
 
-from .region import scan_region
+from .scan import scan_region
 
 _PAGE = 4096
 _SYMBOL = struct.Struct("<IBBHQQ")  # Elf64_Sym: name, info, other, shndx, value, size

@@ -1,4 +1,6 @@
-"""Finding the instruction starts and sites of one region of guest code.
+"""Finding the instruction starts and sites of one region of guest code: the
+reference scanner. scanner/region.c does the same in C (scanner/scan.py picks it
+when it is built); tests hold the two to the same results.
 
 x86 code cannot be decoded reliably from an arbitrary byte: a wrong start yields
 plausible instructions that overlap the real ones, and a trap planted there would
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .decode import Insn, decode_from
 from .sensitive import classify, direct_target, is_terminator
+from .window import targets_of
 from .x86 import MAX_INSN
 
 _WINDOW = 1024  # bytes handed to capstone at a time
@@ -23,10 +26,11 @@ _SWEEP_ROUNDS = 4  # sweep, descend from what the sweep branches to, sweep what 
 @dataclass
 class RegionScan:
     starts: set[int] = field(default_factory=set)
-    insns: list[Insn] = field(default_factory=list)    # the instructions at `starts`
+    sizes: dict[int, int] = field(default_factory=dict)   # the size of the instruction at each start
     sites: list[tuple[Insn, str]] = field(default_factory=list)
     outside: set[int] = field(default_factory=set)
     swept: int = 0
+    targets: set[int] = field(default_factory=set)   # window.targets_of its instructions
 
 
 class _Decoded:
@@ -218,16 +222,11 @@ def scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
     reached = list(found.values())
     if sweep:
         _sweep(decoded, scan, reached, base, end, known)
-    scan.insns = reached
+    scan.sizes = {insn.address: insn.size for insn in reached}
+    scan.targets = targets_of(reached)
     for insn in reached:
         kind = classify(insn.mnemonic, insn.op_str)
         if kind is not None:
             scan.sites.append((insn, kind))
     scan.sites.sort(key=lambda site: site[0].address)
     return scan
-
-
-def scan_page(code: bytes, page: int, entries: Iterable[int], known: AbstractSet[int] = frozenset(),
-              sweep: bool = True, page_size: int = 4096) -> RegionScan:
-    """scan_region over the page at `page`: the unit the monitor scans before it runs."""
-    return scan_region(code, page, page + page_size, entries, known, sweep)

@@ -16,8 +16,10 @@ CODE = bytes(range(256)) * 16
 def entry(key=None) -> Entry:
     e = Entry(key or key_of(CODE), "/lib/libdemo.so", len(CODE))
     e.pages[0] = PageRecord({0, 5, 7, 9, 4000}, {0}, {-16, 9, 70000},
-                            {5: (2, "syscall", "syscall", "", (5, 9, (), ((7, 2, "mov", "eax, ebx"),))),
-                             4000: (1, "branch", "ret", "", "basic block too short")},
+                            {5: (2, "syscall", "syscall", "", (5, 9, (), ((7, 2, "mov", "eax, ebx"),)),
+                                 ("e9000000cc", 3, 4, ((0, 7),), ((1, 9, "guest"), (9, 16, "cache")),
+                                  ((9, "/lib/libdemo.so", 9),))),
+                             4000: (1, "branch", "ret", "", "basic block too short", None)},
                             {4100, -4096})
     e.pages[4096] = PageRecord({4096}, {4096}, set(), {})
     return e
@@ -59,7 +61,7 @@ def test_store_merges_what_runs_learn(tmp_path):
     first = entry()
     cache.store(first)
     second = Entry(first.key, first.path, first.size)
-    second.pages[0] = PageRecord({12}, {12}, set(), {12: (2, "cpuid", "cpuid", "", None)})
+    second.pages[0] = PageRecord({12}, {12}, set(), {12: (2, "cpuid", "cpuid", "", None, None)})
     second.pages[8192] = PageRecord({8192}, {8192}, set(), {})
     cache.store(second)
     got = ScanCache(str(tmp_path)).load(first.key)
@@ -74,11 +76,11 @@ def test_a_merge_keeps_a_plan_the_newer_run_did_not_make():
     e = entry()
     emulated = Entry(e.key, e.path, e.size)
     emulated.pages[0] = PageRecord({0, 5, 7, 9, 4000}, set(), set(),
-                                   {5: (2, "syscall", "syscall", "", None),
-                                    4000: (1, "branch", "call", "rax", None)})
+                                   {5: (2, "syscall", "syscall", "", None, None),
+                                    4000: (1, "branch", "call", "rax", None, None)})
     e.merge(emulated)
     assert e.pages[0].sites[5] == entry().pages[0].sites[5]
-    assert e.pages[0].sites[4000] == (1, "branch", "call", "rax", None)
+    assert e.pages[0].sites[4000] == (1, "branch", "call", "rax", None, None)
 
 
 def test_what_is_not_a_file_of_ours_is_a_miss(tmp_path):

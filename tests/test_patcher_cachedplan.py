@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sbe.meta.scancache import PageRecord
 from sbe.patcher import cachedplan
-from sbe.scanner.region import scan_page
-from sbe.scanner.window import Fallback, Window, plan_windows, targets_of
+from sbe.scanner.scan import scan_page
+from sbe.scanner.window import Fallback, Window, plan_windows
 
 PAGE = 0x7f0000001000
 # mov eax, 39; syscall; mov rdi, rax; cpuid; ret; then padding
@@ -15,11 +15,11 @@ CODE = (b"\xb8\x27\x00\x00\x00" b"\x0f\x05" b"\x48\x89\xc7" b"\x0f\xa2" b"\xc3")
 def planned(base: int):
     """The page's plans, and its record (offsets from `base`), as a run leaves them."""
     scan = scan_page(CODE, PAGE, {PAGE})
-    targets = targets_of(scan.insns) | {PAGE}
+    targets = scan.targets | {PAGE}
     plans = plan_windows(CODE, PAGE, PAGE + 4096, scan.starts, scan.sites, targets)
     record = PageRecord({s - base for s in scan.starts}, {PAGE - base}, {t - base for t in targets},
                         {p.site.address - base: (p.site.size, p.kind, p.site.mnemonic, p.site.op_str,
-                                                 cachedplan.to_record(p, base)) for p in plans})
+                                                 cachedplan.to_record(p, base), None) for p in plans})
     return plans, record
 
 
@@ -39,7 +39,7 @@ def test_kept_plans_come_back_where_the_page_is_mapped_next():
 
 def _with(record, offset, plan):
     sites = dict(record.sites)
-    sites[offset] = (*sites[offset][:4], plan)
+    sites[offset] = (*sites[offset][:4], plan, None)
     return PageRecord(record.starts, record.roots, record.targets, sites, record.exits)
 
 
@@ -70,9 +70,9 @@ def test_windows_that_overlap_another_site_are_refused():
     # stretch the first window over the second site
     start, end, before, after = (first.site.address - PAGE, second.site.address + second.site.size - PAGE,
                                  (), ())
-    kept = (start, end, before, tuple((i.address - PAGE, i.size, i.mnemonic, i.op_str)
-                                      for i in scan_page(CODE, PAGE, {PAGE}).insns
-                                      if first.site.end <= i.address < PAGE + end))
+    between = (*first.after, second.site)        # mov rdi, rax; cpuid: end to end
+    assert between[0].address == first.site.end and between[-1].end == PAGE + end
+    kept = (start, end, before, tuple((i.address - PAGE, i.size, i.mnemonic, i.op_str) for i in between))
     assert cachedplan.from_record(_with(record, first.site.address - PAGE, kept), PAGE) is None
 
 

@@ -12,7 +12,7 @@ from capstone import x86_const as x86
 
 from sbe.meta.syscalls import TRAPS_IN_STUB
 from sbe.patcher import stubs, templates
-from sbe.patcher.emit import compose
+from sbe.patcher.emit import compose, detached, placed
 from sbe.scanner.decode import Insn
 from sbe.scanner.window import Window
 
@@ -78,3 +78,40 @@ def test_a_field_is_the_rip_relative_disp32_ending_its_instruction(name):
         assert insn.disp_offset == offset - insn.address and insn.disp_size == 4, field
         assert offset + 4 == insn.address + insn.size, field
         assert any(op.type == x86.X86_OP_MEM and op.mem.base == x86.X86_REG_RIP for op in insn.operands)
+
+
+class _Cache:
+    def __init__(self, start):
+        self.start = start
+        self.gadget_slot, self.branch_slot, self.cpuid_table = start, start + 8, start + 0x40
+
+
+# (kind, site, window bytes, displaced before, displaced after), at 0x401000
+_MOVABLE = [
+    ("syscall", Insn(0x401007, 2, "syscall", ""), "488b0500010000" "0f05" "90",
+     [Insn(0x401000, 7, "mov", "rax, qword ptr [rip + 0x100]")], [Insn(0x401009, 1, "nop", "")]),
+    ("cpuid", Insn(0x401000, 2, "cpuid", ""), "0fa2" "89d8" "90", [],
+     [Insn(0x401002, 2, "mov", "eax, ebx"), Insn(0x401004, 1, "nop", "")]),
+    ("rdtsc", Insn(0x401000, 2, "rdtsc", ""), "0f31" "8b0d10000000", [],
+     [Insn(0x401002, 6, "mov", "ecx, dword ptr [rip + 0x10]")]),
+    ("branch", Insn(0x401000, 6, "jmp", "qword ptr [rip + 0x2000]"), "ff2500200000", [], []),
+    ("branch", Insn(0x401000, 2, "call", "rax"), "ffd0" "4889c7", [], [Insn(0x401002, 3, "mov", "rdi, rax")]),
+]
+
+
+@pytest.mark.parametrize("kind,site,raw,before,after", _MOVABLE)
+def test_a_moved_stub_is_the_stub_composed_there(kind, site, raw, before, after):
+    """A stub composed once and moved (its code mapped elsewhere, its side cache
+    elsewhere, at another offset in it) is byte for byte the one composed there."""
+    raw = bytes.fromhex(raw)
+    end = 0x401000 + len(raw)
+    window = Window(site, kind, 0x401000, end, tuple(before), tuple(after))
+    first = compose(kind, site, window, raw, 0x500400, _Cache(0x500000))
+    for guest_delta, cache_start, at in [(0x10000, 0x700000, 0x700800), (-0x3000, 0x3f0000, 0x3f0040)]:
+        def shift(insn):
+            return insn._replace(address=insn.address + guest_delta)
+        there = Window(shift(site), kind, window.start + guest_delta, end + guest_delta,
+                       tuple(map(shift, before)), tuple(map(shift, after)))
+        want = compose(kind, shift(site), there, raw, at, _Cache(cache_start))
+        assert placed(detached(first, 0x400000, 0x500000), at, 0x400000 + guest_delta, cache_start) == want
+        assert want.code != first.code       # something in it really was re-aimed

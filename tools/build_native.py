@@ -1,0 +1,68 @@
+"""Builds scanner/_region_native: scanner/region.c as a cffi extension module, linked
+against the libcapstone.so the capstone wheel ships (with its headers), found
+through the installed capstone package. `make setup` runs it.
+
+    .venv/bin/python tools/build_native.py      # writes scanner/_region_native*.so
+
+Without it sbe scans with scanner/region.py, the reference, at a few times the cost.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = "_region_native"
+
+CDEF = """
+    struct sbe_site { uint32_t offset; uint8_t size; char mnemonic[32]; char op_str[160]; };
+    struct sbe_scan {
+        uint32_t *starts; uint8_t *sizes; size_t nstarts;
+        uint64_t *targets; size_t ntargets;
+        uint64_t *outside; size_t noutside;
+        struct sbe_site *sites; size_t nsites;
+        size_t swept;
+    };
+    int sbe_scan(const uint8_t *code, size_t len, uint64_t base, uint64_t end,
+                 const uint64_t *entries, size_t nentries, const uint64_t *known, size_t nknown,
+                 int sweep, const uint8_t *info, size_t ninfo, struct sbe_scan *out);
+    void sbe_scan_free(struct sbe_scan *out);
+    int sbe_scan_init(void);
+"""
+
+
+def capstone_dir() -> Path:
+    spec = importlib.util.find_spec("capstone")
+    if spec is None or spec.origin is None:
+        sys.exit("build_native: the capstone package is not installed")
+    return Path(spec.origin).parent
+
+
+def main() -> int:
+    capstone = capstone_dir()
+    include, lib = capstone / "include", capstone / "lib"
+    if not (include / "capstone" / "capstone.h").exists() or not (lib / "libcapstone.so").exists():
+        sys.exit(f"build_native: {capstone} has no headers or libcapstone.so")
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(MODULE, (ROOT / "scanner" / "region.c").read_text(),
+                   include_dirs=[str(include)], library_dirs=[str(lib)], libraries=["capstone"],
+                   extra_compile_args=["-O2", "-Wall", "-Werror"],
+                   extra_link_args=[f"-Wl,-rpath,{lib}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(ffi.compile(tmpdir=tmp, verbose=False))
+        target = ROOT / "scanner" / built.name
+        shutil.copyfile(built, target.with_suffix(".tmp"))
+        os.replace(target.with_suffix(".tmp"), target)
+    print(f"built {target.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
