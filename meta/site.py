@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from sbe.meta.pagemap import PAGE, page_of
 
@@ -15,12 +16,13 @@ KINDS = ("syscall", "cpuid", "rdtsc", "rdtscp", "pkru", "privileged", "branch")
 STRATEGIES = ("int3", "jmp5")
 
 
-@dataclass(frozen=True)
-class Patch:
+class Patch(NamedTuple):
     """What a jmp5 site's patch is now: the window [window_start, window_end) its
     5-byte jump overwrites, the original bytes there, and the stub it lands on. A
     site's identity never changes; its patch is replaced whole (demotion to `int3`
-    is `patch = None`), so no field of an old patch can survive into a new one."""
+    is `patch = None`), so no field of an old patch can survive into a new one. A
+    tuple: a warm start makes thousands, and a frozen dataclass costs five times
+    as much to make."""
     window_start: int
     window_end: int
     window_bytes: bytes
@@ -47,8 +49,9 @@ class Site:
     # What a handler derives once from the instruction (e.g. a branch's operand) and
     # keeps, so a trap does not decode it again.
     decoded: dict = field(default_factory=dict, repr=False)
-    # The scanner's plan the site was planted from, when the scan cache may keep it
-    # (a function of the page's bytes and scan alone); None otherwise.
+    # The scanner's plan the site was planted from, as the scan cache keeps it
+    # (relative to its mapping), when it may (a function of the page's bytes and
+    # scan alone); None otherwise.
     plan: object = field(default=None, repr=False)
     # Its stub detached from where it lies, for the scan cache (with the plan).
     template: object = field(default=None, repr=False)

@@ -8,6 +8,7 @@ load of the target. Everything here is a function of bytes and addresses.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from sbe.patcher import stubs
@@ -29,6 +30,8 @@ class Stub:
     # `moved` re-aims when the same stub is wanted for the same code mapped elsewhere.
     fields: tuple = ()
 
+
+_REL32 = struct.Struct("<i")
 
 # The body fields that name the side cache's header; the others name guest code.
 _CACHE_FIELDS = frozenset({"gadget_slot", "cpuid_table", "branch_table"})
@@ -125,18 +128,15 @@ def detached(stub: Stub, guest_base: int, cache_base: int) -> Stub:
 def placed(template: Stub, at: int, guest_base: int, cache_base: int) -> Stub | None:
     """A detached stub placed at `at`, for code whose addresses are relative to
     `guest_base`, in a side cache at `cache_base`: the same bytes with every rel32
-    re-aimed. None when a target is out of reach from there, or a field is one whose
+    re-aimed (the placed stub has no fields: it is not detached again). None when a target is out of reach from there, or a field is one whose
     arithmetic wraps at 32 bits (the `eip` form), which is composed afresh instead."""
     code = bytearray(template.code)
-    fields = []
     for offset, target, space in template.fields:
         if space == "guest32":
             return None
-        target += cache_base if space == "cache" else guest_base
-        disp = target - (at + offset + 4)
+        disp = target + (cache_base if space == "cache" else guest_base) - (at + offset + 4)
         if not -(1 << 31) <= disp < (1 << 31):
             return None
-        code[offset:offset + 4] = disp.to_bytes(4, "little", signed=True)
-        fields.append((offset, target, space))
+        _REL32.pack_into(code, offset, disp)
     return Stub(bytes(code), template.trap, template.resume,
-                tuple((offset, original + guest_base) for offset, original in template.displaced), tuple(fields))
+                tuple((offset, original + guest_base) for offset, original in template.displaced))

@@ -98,6 +98,7 @@ class Patcher:
         self._templates: dict[tuple, tuple] = {}     # see _stub
         # Kept plans of cached pages, checked once per record, relative to their page.
         self._kept_plans: dict[tuple, tuple] = {}
+        self._images: dict[tuple, tuple] = {}     # see _cached_page
 
     # -- scanning and planting -------------------------------------------------
     def scan(self, space: AddressSpace, address: int, remote=None, avoid: frozenset = frozenset(),
@@ -146,8 +147,8 @@ class Patcher:
         space.learned(page)
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
         plans = self._plans(space, code, page, state, found, avoid, fresh or exclusive)
-        near = _near(avoid, page)
-        return [self.plant(space, plan, code, page, remote, near) for plan in plans], result.outside
+        near, binding = _near(avoid, page), space.binding_of(page)
+        return [self.plant(space, plan, code, page, remote, near, binding) for plan in plans], result.outside
 
     @staticmethod
     def _plans(space, code, page, state, found, avoid, may_write_windows: bool):
@@ -179,13 +180,10 @@ class Patcher:
                         {base + t for t in record.targets}, {base + x for x in record.exits})
             code = space.original(page, PAGE + MAX_INSN)
             near = _near(avoid, page)
-            for plan in self._cached_page_plans(space, binding, offset, record, code, page, state, near):
-                planted.append(self.plant(space, plan, code, page, remote, near))
+            planted += self._cached_page(space, binding, offset, record, code, page, state, near, remote)
             pages.append(page)
-        for page in pages:
-            state = space.pages.get(page)
-            for root in state.roots & state.starts:
-                self.insert_branch_target(space, root)
+        self.insert_branch_targets(space, [root for page in pages
+                                           for root in space.pages.get(page).roots & space.pages.get(page).starts])
         # What the cached pages' code enters other pages at, as a scan of them would
         # have recorded: entries of unscanned pages, or extensions of scanned ones.
         exits = {x for page in pages for x in space.pages.get(page).exits}
@@ -229,6 +227,86 @@ class Patcher:
                 space.sites.remove(address)
                 self.costs.false_sites += 1
 
+    def _cached_page(self, space, binding, offset, record, code, page, state, near, remote) -> list[Site]:
+        """Plant a cached page: at once from its image when this process planted the
+        same record before (every exec of a shell loop maps the same libc), else site
+        by site, keeping the image for the next time."""
+        key = (binding.key, offset)
+        image = self._images.get(key)
+        fits = space.mode == "patch" and not near and not space.sites.in_range(page, page + PAGE)
+        if fits and image is not None and image[0] is record and image[1] is not None:
+            sites = self._place_image(space, binding, page, code, image[1], remote)
+            if sites is not None:
+                return sites
+        sites = [self.plant(space, plan, code, page, remote, near, binding)
+                 for plan in self._cached_page_plans(space, binding, offset, record, code, page, state, near)]
+        if fits:
+            self._images[key] = (record, self._image_of(binding, page, sites))
+        return sites
+
+    def _image_of(self, binding, page: int, sites: list[Site]):
+        """A cached page as it was planted: each site relative to the mapping, its
+        stub's template at its offset in one blob, and every guest address the
+        stubs name (which must have moved with the mapping wherever it goes). None
+        when a site is not as its kept plan says (a policy, a cache that was full)."""
+        base, entries, anchors, size = binding.start, [], set(), 0
+        for site in sites:
+            common = (site.address - base, site.size, site.kind, site.mnemonic, site.op_str, site.original,
+                      site.plan)
+            if isinstance(site.plan, str) and site.patch is None:
+                entries.append((common, site.reason, None, 0))
+            elif isinstance(site.plan, tuple) and site.patch is not None and site.template is not None:
+                entries.append((common, None, site.template, size))
+                anchors.update(site.template[1])
+                size += len(site.template[0].code)
+            else:
+                return None
+        return entries, frozenset(anchors), size
+
+    def _place_image(self, space, binding, page: int, code: bytes, image, remote) -> list[Site] | None:
+        """The page's image planted: its stubs in one write, its windows and traps in
+        another. None, with nothing written, when it does not fit this time."""
+        entries, anchors, size = image
+        base = binding.start
+        if not all(space.modules.locate(base + target) == (path, offset) for target, path, offset in anchors):
+            return None
+        t0 = time.perf_counter()
+        try:
+            cache = self.cache_for(space, page, page + PAGE, remote)
+        except EmitError:
+            return None
+        if not cache.room(size):
+            return None
+        at = cache.next
+        module, module_offset = space.modules.locate(page)
+        patched, blob, sites = bytearray(code[:PAGE]), [], []
+        for (rel, length, kind, mnemonic, op_str, raw, plan), reason, template, offset in entries:
+            address = base + rel
+            site = Site(address, length, kind, mnemonic, op_str, raw, reason or "", module,
+                        module_offset + address - page, plan=plan, template=template)
+            if template is None:
+                patched[address - page] = INT3[0]
+                self.costs.fallbacks[reason] += 1
+            else:
+                stub = placed(template[0], at + offset, base, cache.start)
+                if stub is None:
+                    return None
+                blob.append(stub.code)
+                start, end = base + plan[0], base + plan[1]
+                patched[start - page:end - page] = stubs.jmp5(start, at + offset) + INT3 * (end - start - 5)
+                site.patch = Patch(start, end, code[start - page:end - page], at + offset, len(stub.code),
+                                   trap=at + offset + stub.trap if stub.trap is not None else 0,
+                                   resume=at + offset + stub.resume if stub.resume is not None else 0,
+                                   displaced=stub.displaced)
+            sites.append(site)
+        if size:
+            space.mem.write(cache.take(size), b"".join(blob))
+        space.mem.write(page, bytes(patched))
+        for site in sites:
+            space.sites.add(site)
+        self.costs.stub_seconds += time.perf_counter() - t0
+        return sites
+
     def _cached_page_plans(self, space, binding, offset, record, code, page, state, near) -> list:
         """The plans for a cached page: the ones its record keeps, when they pass
         their check; else made once per process for each content of its record and
@@ -261,21 +339,23 @@ class Patcher:
         return plans
 
     def plant(self, space: AddressSpace, plan, code: bytes, base: int, remote=None,
-              avoid: frozenset = frozenset()) -> Site:
+              avoid: frozenset = frozenset(), binding=None) -> Site:
         """Plant the site `plan` names, as it says or as an int3 when its stub cannot
-        be made. `avoid`: the addresses its planning kept windows off."""
+        be made. `avoid`: the addresses its planning kept windows off; `binding`:
+        the cached mapping the site lies in, if any."""
         insn, kind = plan.site, plan.kind
         module, offset = space.modules.locate(insn.address)
         raw = code[insn.address - base:insn.address - base + insn.size]
+        kept = binding and cachedplan.to_record(cachedplan.keepable(plan, avoid), binding.start)
         site = Site(insn.address, insn.size, kind, insn.mnemonic, insn.op_str, raw,
-                    module=module, offset=offset, plan=cachedplan.keepable(plan, avoid))
+                    module=module, offset=offset, plan=kept)
         if isinstance(plan, Fallback):
             site.reason = plan.reason
         elif self.policy.forced(kind, module, offset):
             site.reason = "forced to emulate"
         else:
             try:
-                self._plant_jmp5(space, site, plan, code[plan.start - base:plan.end - base], remote)
+                self._plant_jmp5(space, site, plan, code[plan.start - base:plan.end - base], remote, binding)
                 return site
             except EmitError as e:
                 site.reason = str(e)
@@ -284,10 +364,10 @@ class Patcher:
         space.sites.add(site)
         return site
 
-    def _plant_jmp5(self, space, site: Site, window, window_bytes: bytes, remote) -> None:
+    def _plant_jmp5(self, space, site: Site, window, window_bytes: bytes, remote, binding) -> None:
         t0 = time.perf_counter()
         cache = self.cache_for(space, window.start, window.end, remote)
-        stub, template = self._stub(space, site, window, window_bytes, cache)
+        stub, template = self._stub(space, site, window, window_bytes, cache, binding)
         if not cache.room(len(stub.code)):
             raise EmitError("side cache full")
         site.template = template
@@ -302,7 +382,7 @@ class Patcher:
         space.sites.add(site)
         self.costs.stub_seconds += time.perf_counter() - t0
 
-    def _stub(self, space, site: Site, window, window_bytes: bytes, cache: SideCache):
+    def _stub(self, space, site: Site, window, window_bytes: bytes, cache: SideCache, binding):
         """The site's stub at the cache's next free byte, and its template (the stub
         detached from where it lies, for the scan cache) when its code is a bound
         mapping. A process tree maps the same code again and again (every exec of a
@@ -310,7 +390,6 @@ class Patcher:
         a template known for the window is placed rather than composed again, when
         every guest address it names moved with the mapping (each still lies in the
         same module at the same offset)."""
-        binding = space.binding_of(site.address)
         if binding is None:
             return compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
                            window, window_bytes, cache.next, cache), None
@@ -411,6 +490,19 @@ class Patcher:
             slot = space.branch_table + 8 * (target % stubs.BRANCH_TABLE_SLOTS)
             space.mem.write(slot, target.to_bytes(8, "little"))
 
+    def insert_branch_targets(self, space: AddressSpace, targets) -> None:
+        """insert_branch_target for many: a cached library brings a thousand roots,
+        and one read and one write of the whole table cost less than a write each."""
+        if not space.branch_table or len(targets) < 64:
+            for target in targets:
+                self.insert_branch_target(space, target)
+            return
+        table = bytearray(space.mem.read(space.branch_table, BRANCH_TABLE_SIZE))
+        for target in targets:
+            slot = 8 * (target % stubs.BRANCH_TABLE_SLOTS)
+            table[slot:slot + 8] = target.to_bytes(8, "little")
+        space.mem.write(space.branch_table, bytes(table))
+
     def cpuid_learned(self, space: AddressSpace, site: Site, leaf: int, subleaf: int, regs) -> None:
         """A cpuid stub missed: the monitor's answer goes into that stub's table."""
         cache = space.cache_holding(site.patch.stub) if site.patch is not None else None
@@ -480,9 +572,9 @@ class Patcher:
             else:
                 plans = [Fallback(i, k, "emulate mode") for i, k in found]
             hits = {s.address: s.hits for s in old}
-            near = _near(avoid, page)
+            near, binding = _near(avoid, page), space.binding_of(page)
             for plan in plans:
-                self.plant(space, plan, code, page, remote, near).hits = hits.get(plan.site.address, 0)
+                self.plant(space, plan, code, page, remote, near, binding).hits = hits.get(plan.site.address, 0)
         if space.branch_table:
             space.mem.write(space.branch_table, bytes(BRANCH_TABLE_SIZE))
         return sum(len(v) for v in by_page.values())

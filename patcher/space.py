@@ -133,7 +133,7 @@ class AddressSpace:
             entry.pages[page - base] = PageRecord(
                 {s - base for s in state.starts}, {r - base for r in state.roots},
                 {t - base for t in state.targets},
-                {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str, cachedplan.to_record(s.plan, base),
+                {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str, s.plan,
                                     cachedplan.template_to_record(s.template) if s.plan is not None else None)
                  for s in self.sites.in_range(page, page + PAGE)},
                 {x - base for x in state.exits})
