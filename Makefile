@@ -40,6 +40,7 @@ test: setup guests
 
 # Not part of `make test`: a full run takes long (emulate mode on trap-heavy workloads).
 bench: setup guests
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check 'matplotlib>=3'
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:

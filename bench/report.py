@@ -118,6 +118,42 @@ def _patch_vs_peers(res: dict, workload: str) -> tuple[str, str]:
     return ("PASS" if all(verdicts) else "FAIL"), text
 
 
+def _startup_target(res: dict, workload: str, runner: str, limit: float, per: int = 1,
+                    peer: str | None = None) -> tuple[str, str]:
+    """`runner` on `workload` within `limit` seconds (per process when `per` > 1),
+    and faster than `peer` in the same run when one is named."""
+    unit = f" per process ({per} processes)" if per > 1 else ""
+    what = f"{runner} on {workload} <= {limit * 1000:.0f} ms{unit}" + (f" and faster than {peer}" if peer else "")
+    t = seconds(res, workload, runner)
+    if t is None or t[1]:
+        c = _cell(res, workload, runner)
+        verdict = "FAIL" if c and c["status"] in ("mismatch", "timeout") else "n/a"
+        return verdict, f"{what}: {_why(res, workload, runner)}"
+    ok = t[0] / per <= limit
+    text = f"{what}: {t[0] / per * 1000:.0f} ms"
+    if peer:
+        v = seconds(res, workload, peer)
+        if v is None:
+            text += f", {peer} n/a"
+        else:
+            ok = ok and t[0] < v[0]
+            text += f", {peer} {_fmt(v)}"
+    return ("PASS" if ok else "FAIL"), text
+
+
+# The start-up targets: (workload, runner, seconds, processes, peer to beat).
+STARTUP_TARGETS = [
+    ("true", "patch", 0.15, 1, "valgrind"),
+    ("true", "patch-cold", 0.35, 1, None),
+    ("ls", "patch", 0.25, 1, None),
+    ("python3-pass", "patch", 0.5, 1, None),
+    ("sh50", "patch", 0.04, 52, "valgrind"),   # sh, seq and 50 true
+]
+# What the start-up chart shows, in this order.
+CHART_WORKLOADS = ["true", "ls", "python3-pass", "sh50", "gcc"]
+CHART_RUNNERS = ["native", "patch", "patch-cold", "strace", "valgrind", "qemu"]
+
+
 def acceptance(res: dict) -> list[tuple[str, str]]:
     names = {w["name"] for w in res["workloads"]}
     out = [_patch_over_native(res, w, 1.15) for w in ("branchy", "calls") if w in names]
@@ -127,7 +163,43 @@ def acceptance(res: dict) -> list[tuple[str, str]]:
     long = [w["name"] for w in res["workloads"]
             if (s := seconds(res, w["name"], "native")) and s[0] > 0.5]
     out += [_patch_vs_peers(res, w) for w in long]
+    out += [_startup_target(res, *target) for target in STARTUP_TARGETS if target[0] in names]
     return out
+
+
+def chart(res: dict, path) -> str | None:
+    """The start-up rows as grouped bars (log seconds), written to `path`; its name,
+    or None when there is nothing to draw or no matplotlib (`make bench` installs it)."""
+    workloads = [w for w in CHART_WORKLOADS if any(x["name"] == w for x in res["workloads"])]
+    runners = [r for r in CHART_RUNNERS if any(seconds(res, w, r) for w in workloads)]
+    if not workloads or not runners:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(runners)
+    for i, r in enumerate(runners):
+        xs, ys = [], []
+        for j, w in enumerate(workloads):
+            v = seconds(res, w, r)
+            if v is not None:
+                xs.append(j + (i - (len(runners) - 1) / 2) * width)
+                ys.append(v[0])
+        ax.bar(xs, ys, width, label=r)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(workloads)), workloads)
+    ax.set_ylabel(f"seconds, median of {res['repeat']} (log scale)")
+    ax.set_title("start-up: sbe (warm scan cache, and cold) against native and peers")
+    ax.legend(ncol=3, fontsize="small")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
 
 
 def steady_state(res: dict) -> list[str]:
@@ -165,7 +237,7 @@ def steady_state(res: dict) -> list[str]:
 
 # --- the document --------------------------------------------------------------------
 
-def render(res: dict) -> str:
+def render(res: dict, chart_name: str | None = None) -> str:
     m = res["machine"]
     runners = [r["name"] for r in res["runners"]]
     lines = [
@@ -181,8 +253,10 @@ def render(res: dict) -> str:
         f"timeout {res['timeout']:.0f} s per run; stdout and exit status checked against native", "",
         "## Median seconds", "", *_table(res, runners, ratio=False), "",
         "## Ratio to native", "", *_table(res, runners, ratio=True), "",
-        "## Acceptance targets", "",
     ]
+    if chart_name:
+        lines += ["## Start-up", "", f"![start-up times]({chart_name})", ""]
+    lines += ["## Acceptance targets", ""]
     lines += [f"- **{v}** {text}" for v, text in acceptance(res)]
     steady = steady_state(res)
     if steady:

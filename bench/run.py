@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     with tempfile.TemporaryDirectory(prefix="sbe-bench-") as tmp:
         cwd = tmp
+        # The warm runner's scan cache: the bench's own, filled by each cell's warm-up
+        # run (and by the cells before it, as a user's cache holds what ran before).
+        env["SBE_CACHE_DIR"] = os.path.join(tmp, "scan-cache")
         startup = str(wl.GUEST_OUT / "startup")
         unavailable = {}
         for r in all_runners:
@@ -239,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.render(results))
+    chart = report.chart(results, out.with_suffix(".png"))
+    out.write_text(report.render(results, chart))
     raw = raw_path(out)
     raw.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out} and {raw}")
+    print(f"wrote {out}, {raw}" + (f" and {chart}" if chart else ""))
     for verdict, text in report.acceptance(results):
         print(f"  {verdict:4} {text}")
     if failed:

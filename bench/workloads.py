@@ -25,7 +25,21 @@ GUESTS = [
     ("startup", "returns 0 at once: start-up and exit cost"),
 ]
 PY_CODE = "print(sum(i * i for i in range(25_000_000)))"
-NAMES = [g for g, _ in GUESTS] + ["ls", "sha256sum", "python3", "true", "python3-pass", "sh50"]
+NAMES = [g for g, _ in GUESTS] + ["ls", "sha256sum", "python3", "true", "python3-pass", "sh50", "gcc"]
+# A small translation unit for `gcc -O2 -c`: driver, cc1 and as, three programs.
+GCC_SOURCE = """#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+struct node { struct node *next; int key; char name[32]; };
+static int cmp(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
+int count(const struct node *n) { int c = 0; for (; n; n = n->next) c += n->key & 1; return c; }
+int find(const struct node *n, const char *name) {
+    for (; n; n = n->next) if (!strcmp(n->name, name)) return n->key;
+    return -1;
+}
+void sort(int *v, size_t n) { qsort(v, n, sizeof *v, cmp); }
+int main(void) { printf("%d\\n", count(NULL) + find(NULL, "x")); return 0; }
+"""
 
 
 @dataclass
@@ -77,4 +91,8 @@ def all_workloads(tmp: Path) -> list[Workload]:
         Workload("sh50", ["/bin/sh", "-c", "for i in $(seq 50); do /bin/true; done"],
                  "a shell running 50 short processes (one monitor for the whole tree)"),
     ]
+    source = tmp / "small.c"
+    source.write_text(GCC_SOURCE)
+    out.append(Workload("gcc", [_which("gcc"), "-O2", "-c", str(source), "-o", str(tmp / "small.o")],
+                        "gcc -O2 -c of a 13-line C file (driver, cc1, as)"))
     return out

@@ -151,7 +151,7 @@ def _plan(doc):
 
 def _stub(doc):
     """A site's stub template as encode() wrote it: None, or (code in hex, trap,
-    resume, displaced (offset, original), fields (offset, target, space),
+    resume, displaced (offset, original), fields (offset, target, space, tail),
     anchors (target, module, offset))."""
     if doc is None:
         return None
@@ -160,7 +160,7 @@ def _stub(doc):
     def optional(value):
         return None if value is None else int(value)
     return (str(code), optional(trap), optional(resume), tuple((int(o), int(a)) for o, a in displaced),
-            tuple((int(o), int(t), str(sp)) for o, t, sp in fields),
+            tuple((int(o), int(t), str(sp), int(tail)) for o, t, sp, tail in fields),
             tuple((int(t), str(m), int(o)) for t, m, o in anchors))
 
 

@@ -26,8 +26,9 @@ class Stub:
     trap: int | None      # offset of the body's int3
     resume: int | None    # offset where the stub goes on after that trap
     displaced: tuple = () # (offset in the stub, original address) of each displaced insn
-    # (offset in the stub, target, "guest" or "cache") of each rel32 it holds: what
-    # `moved` re-aims when the same stub is wanted for the same code mapped elsewhere.
+    # (offset in the stub, target, "guest" or "cache", bytes from the field's end to
+    # the end of its instruction, whence the rel32 counts) of each rel32 it holds:
+    # what `placed` re-aims when the same stub is wanted for code mapped elsewhere.
     fields: tuple = ()
 
 
@@ -51,14 +52,14 @@ def _aimed(encode, raw, old: int, new: int, fields: list, stub_at: int, *args) -
     """`encode`'s instruction at `new`, its re-aimed rel32 (if any) noted in `fields`."""
     found: list = []
     code = encode(raw, old, new, *args, fields=found)
-    for offset, target, mask in found:
-        fields.append((new - stub_at + offset, target, "guest" if mask == MASK64 else "guest32"))
+    for offset, target, mask, tail in found:
+        fields.append((new - stub_at + offset, target, "guest" if mask == MASK64 else "guest32", tail))
     return code
 
 
 def _filled(body, here: int, values: dict, fields: list, stub_at: int) -> bytes:
     for name, offset in body.fields.items():
-        fields.append((here - stub_at + offset, values[name], "cache" if name in _CACHE_FIELDS else "guest"))
+        fields.append((here - stub_at + offset, values[name], "cache" if name in _CACHE_FIELDS else "guest", 0))
     return stubs.fill(body, here, values)
 
 
@@ -104,7 +105,7 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
         else:
             raise EmitError(f"no stub for kind {kind}")
         code += _relocated(window.after, window_bytes, window.start, at + len(code), placed, fields, at)
-        fields.append((len(code) + 1, window.end, "guest"))
+        fields.append((len(code) + 1, window.end, "guest", 0))
         code += stubs.jmp5(at + len(code), window.end)
         return Stub(code, trap, resume, _offsets(placed, at), tuple(fields))
     except ValueError as e:
@@ -121,8 +122,8 @@ def detached(stub: Stub, guest_base: int, cache_base: int) -> Stub:
     `placed` re-aims every field, wherever the stub was composed."""
     return Stub(stub.code, stub.trap, stub.resume,
                 tuple((offset, original - guest_base) for offset, original in stub.displaced),
-                tuple((offset, target - (cache_base if space == "cache" else guest_base), space)
-                      for offset, target, space in stub.fields))
+                tuple((offset, target - (cache_base if space == "cache" else guest_base), space, tail)
+                      for offset, target, space, tail in stub.fields))
 
 
 def placed(template: Stub, at: int, guest_base: int, cache_base: int) -> Stub | None:
@@ -131,10 +132,10 @@ def placed(template: Stub, at: int, guest_base: int, cache_base: int) -> Stub | 
     re-aimed (the placed stub has no fields: it is not detached again). None when a target is out of reach from there, or a field is one whose
     arithmetic wraps at 32 bits (the `eip` form), which is composed afresh instead."""
     code = bytearray(template.code)
-    for offset, target, space in template.fields:
+    for offset, target, space, tail in template.fields:
         if space == "guest32":
             return None
-        disp = target + (cache_base if space == "cache" else guest_base) - (at + offset + 4)
+        disp = target + (cache_base if space == "cache" else guest_base) - (at + offset + 4 + tail)
         if not -(1 << 31) <= disp < (1 << 31):
             return None
         _REL32.pack_into(code, offset, disp)

@@ -405,7 +405,7 @@ class Patcher:
         stub = compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
                        window, window_bytes, cache.next, cache)
         anchors = tuple((target - base, *space.modules.locate(target))
-                        for _, target, kind in stub.fields if kind == "guest")
+                        for _, target, kind, _ in stub.fields if kind == "guest")
         template = self._templates[key] = (detached(stub, base, cache.start), anchors)
         return stub, template
 

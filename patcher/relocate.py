@@ -159,8 +159,9 @@ def relocate(code: bytes, old: int, new: int, fields: list | None = None) -> byt
 
     Raises NotRelocatable for what depends on its own address in a way that is not a
     rip-relative operand (see the module docstring), and for a rip-relative operand
-    out of reach from `new`. `fields` gets (offset in the instruction, target, mask)
-    for the rel32 it re-aimed, if any.
+    out of reach from `new`. `fields` gets (offset in the instruction, target, mask,
+    bytes after the field) for the rel32 it re-aimed, if any: the displacement counts
+    from the instruction's end, past any immediate that follows it.
     """
     code = bytes(code)
     size, refusal, offset, mask = _decode(code, old)
@@ -173,7 +174,7 @@ def relocate(code: bytes, old: int, new: int, fields: list | None = None) -> byt
     if disp is None:
         raise NotRelocatable(f"{code.hex()}: {target:#x} is out of rel32 reach of {new:#x}")
     if fields is not None:
-        fields.append((offset, target, mask))
+        fields.append((offset, target, mask, size - offset - 4))
     return b"".join((code[:offset], struct.pack("<i", disp), code[offset + 4:]))
 
 
@@ -352,7 +353,7 @@ def _rip_load(code: bytes, old: int, new: int, head: bytes, dest: int, disp: int
     if new_disp is None:
         raise NotRelocatable(f"{code.hex()}: {target:#x} is out of rel32 reach of {new:#x}")
     if fields is not None:
-        fields.append((len(head) + 1, target, mask))
+        fields.append((len(head) + 1, target, mask, 0))
     return head + bytes((_modrm(0, dest, 5),)) + struct.pack("<i", new_disp)
 
 

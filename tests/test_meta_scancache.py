@@ -17,7 +17,7 @@ def entry(key=None) -> Entry:
     e = Entry(key or key_of(CODE), "/lib/libdemo.so", len(CODE))
     e.pages[0] = PageRecord({0, 5, 7, 9, 4000}, {0}, {-16, 9, 70000},
                             {5: (2, "syscall", "syscall", "", (5, 9, (), ((7, 2, "mov", "eax, ebx"),)),
-                                 ("e9000000cc", 3, 4, ((0, 7),), ((1, 9, "guest"), (9, 16, "cache")),
+                                 ("e9000000cc", 3, 4, ((0, 7),), ((1, 9, "guest", 0), (9, 16, "cache", 1)),
                                   ((9, "/lib/libdemo.so", 9),))),
                              4000: (1, "branch", "ret", "", "basic block too short", None)},
                             {4100, -4096})

@@ -94,6 +94,11 @@ _MOVABLE = [
      [Insn(0x401002, 2, "mov", "eax, ebx"), Insn(0x401004, 1, "nop", "")]),
     ("rdtsc", Insn(0x401000, 2, "rdtsc", ""), "0f31" "8b0d10000000", [],
      [Insn(0x401002, 6, "mov", "ecx, dword ptr [rip + 0x10]")]),
+    # an immediate after the disp32: the rel32 counts from the instruction's end
+    ("rdtsc", Insn(0x401000, 2, "rdtsc", ""), "0f31" "802552860100df", [],
+     [Insn(0x401002, 7, "and", "byte ptr [rip + 0x18652], 0xdf")]),
+    ("cpuid", Insn(0x401000, 2, "cpuid", ""), "0fa2" "833d8ff201000c", [],
+     [Insn(0x401002, 7, "cmp", "dword ptr [rip + 0x1f28f], 0xc")]),
     ("branch", Insn(0x401000, 6, "jmp", "qword ptr [rip + 0x2000]"), "ff2500200000", [], []),
     ("branch", Insn(0x401000, 2, "call", "rax"), "ffd0" "4889c7", [], [Insn(0x401002, 3, "mov", "rdi, rax")]),
 ]
@@ -116,3 +121,44 @@ def test_a_moved_stub_is_the_stub_composed_there(kind, site, raw, before, after)
         got = placed(detached(first, 0x400000, 0x500000), at, 0x400000 + guest_delta, cache_start)
         assert (got.code, got.trap, got.resume, got.displaced) == (want.code, want.trap, want.resume, want.displaced)
         assert want.code != first.code       # something in it really was re-aimed
+
+
+@pytest.mark.parametrize("library", ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"])
+def test_every_stub_of_a_library_moved_is_the_stub_composed_there(library):
+    """Placing a template, over the windows planned on real code's page scans: the
+    displaced instruction forms and branch operands these libraries have."""
+    from elftools.elf.elffile import ELFFile
+
+    from sbe.patcher.emit import EmitError
+    from sbe.scanner.elf import _entry_points
+    from sbe.scanner.scan import scan_page
+    from sbe.scanner.window import plan_windows
+    with open(library, "rb") as f:
+        elf = ELFFile(f)
+        segment = next(s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_flags"] & 1)
+        code, base, entries = segment.data(), segment["p_vaddr"], _entry_points(elf)
+    checked = 0
+    for page in range(base - base % 4096, base + len(code) - 4096, 4096):
+        chunk = code[max(page - base, 0):page - base + 4096 + 15]
+        if page < base:
+            chunk = bytes(base - page) + chunk
+        scan = scan_page(chunk, page, {e for e in entries if page <= e < page + 4096} | {page})
+        for plan in plan_windows(chunk, page, page + 4096, scan.starts, scan.sites, scan.targets):
+            if not isinstance(plan, Window):
+                continue
+            raw = chunk[plan.start - page:plan.end - page]
+            try:
+                first = compose(plan.kind, plan.site, plan, raw, 0x7f0000400000, _Cache(0x7f0000000000))
+            except EmitError:
+                continue
+            delta, cache_start = 0x10000000, 0x7f0000000000 + 0x3000000
+            def shift(insn):
+                return insn._replace(address=insn.address + delta)
+            there = Window(shift(plan.site), plan.kind, plan.start + delta, plan.end + delta,
+                           tuple(map(shift, plan.before)), tuple(map(shift, plan.after)))
+            want = compose(plan.kind, shift(plan.site), there, raw, cache_start + 0x880, _Cache(cache_start))
+            got = placed(detached(first, 0, 0x7f0000000000), cache_start + 0x880, delta, cache_start)
+            assert (got.code, got.trap, got.resume, got.displaced) == (
+                want.code, want.trap, want.resume, want.displaced), plan
+            checked += 1
+    assert checked > 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -170,3 +171,28 @@ def test_the_cache_command_refuses_a_directory_it_cannot_use(tmp_path):
     blocker.write_text("")
     result = sbe_cache(blocker, "list")
     assert result.status == 2 and result.stderr.count(b"\n") == 1
+
+
+@pytest.mark.timeout(400)
+def test_warm_runs_of_a_compiler_write_the_native_object(tmp_path):
+    """gcc -O2 -c: three programs (driver, cc1, as) sharing libc and ld.so, so a
+    warm run places stubs kept by earlier runs and by the other programs of its own
+    tree. A stub placed wrong shows: ld.so's cpu feature probe once read the wrong
+    byte through a displaced `cmp [rip + disp], imm`, and cc1 died of an internal
+    compiler error on the third run."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc")
+    source = tmp_path / "unit.c"
+    source.write_text("#include <stdlib.h>\nstatic int cmp(const void *a, const void *b)"
+                      " { return *(const int *)a - *(const int *)b; }\n"
+                      "void sort(int *v, size_t n) { qsort(v, n, sizeof *v, cmp); }\n")
+    native = run_cmd([gcc, "-O2", "-c", str(source), "-o", str(tmp_path / "native.o")], timeout=60)
+    assert native.status == 0
+    cache = tmp_path / "cache"
+    for run in range(3):
+        out = tmp_path / f"run{run}.o"
+        result = run_cmd(sbe_argv("run", "--cache-dir", str(cache), "--", gcc, "-O2", "-c", str(source),
+                                  "-o", str(out)), timeout=120)
+        assert (result.status, result.stdout) == (0, native.stdout), result.stderr.decode()[-2000:]
+        assert out.read_bytes() == (tmp_path / "native.o").read_bytes()
