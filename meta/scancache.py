@@ -33,8 +33,9 @@ from sbe.meta.files import replace_atomically
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 LIMIT = 256 << 20          # bytes of entries kept; least recently used go first
+USERS = 16                 # programs a page remembers as having executed it
 MAGIC = b"SBESCAN" + bytes([VERSION])
 SUFFIX = ".scan"
 DIGEST = 32
@@ -62,6 +63,10 @@ class PageRecord:
     targets: set = field(default_factory=set)
     sites: dict = field(default_factory=dict)   # offset -> (size, kind, mnemonic, op_str, plan, stub)
     exits: set = field(default_factory=set)     # entries it gives other pages
+    # The programs whose runs executed the page (it faulted at a fetch), most recent
+    # first: a warm run of one of them plants it when its mapping appears, others at
+    # its first fetch (a shell's pages of libc are not /bin/true's).
+    users: list = field(default_factory=list)
 
     def merge(self, newer: "PageRecord") -> None:
         """The newer scan's decoding of the page replaces this one's: starts from
@@ -77,6 +82,7 @@ class PageRecord:
         self.starts, self.targets, self.sites, self.exits = (
             newer.starts, newer.targets, sites, newer.exits)
         self.roots = roots
+        self.users = list(dict.fromkeys(newer.users + self.users))[:USERS]
 
 
 @dataclass
@@ -100,7 +106,7 @@ def encode(entry: Entry) -> bytes:
         pages[str(offset)] = {
             "starts": array("I", sorted(r.starts)).tobytes().hex(),
             "roots": sorted(r.roots), "targets": sorted(r.targets), "exits": sorted(r.exits),
-            "sites": [[o, *r.sites[o]] for o in sorted(r.sites)],
+            "sites": [[o, *r.sites[o]] for o in sorted(r.sites)], "users": r.users,
         }
     payload = zlib.compress(json.dumps({"key": entry.key, "path": entry.path, "size": entry.size,
                                         "pages": pages}, separators=(",", ":")).encode(), 1)
@@ -130,7 +136,7 @@ def decode(data: bytes, key: str) -> Entry:
                 set(starts), set(map(int, p["roots"])), set(map(int, p["targets"])),
                 {int(o): (int(size), str(kind), str(mn), str(op), _plan(plan), _stub(stub))
                  for o, size, kind, mn, op, plan, stub in p["sites"]},
-                set(map(int, p["exits"])))
+                set(map(int, p["exits"])), [str(u) for u in p["users"]][:USERS])
     except CorruptEntry:
         raise
     except (ValueError, KeyError, TypeError, zlib.error) as e:

@@ -9,8 +9,10 @@ it (exec resets it).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import os
 
 from sbe.meta.module import parse_maps
 from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
@@ -45,6 +47,7 @@ def setup_image(session, thread) -> None:
     session.stats.remote_syscalls += 1
     space.maps_changed()
     syscall = session.remote(thread)     # the gadget exists from here on
+    space.program = program_tag(thread.tid)
     with open(f"/proc/{thread.tid}/maps") as f:
         maps = parse_maps(f.read())
     for m in maps:
@@ -71,6 +74,17 @@ def setup_image(session, thread) -> None:
     if session.cpuid_faulting and syscall(SYS.arch_prctl, ARCH_SET_CPUID, 0) < 0:
         log.info("CPUID faulting unavailable: a cpuid the scanner misses runs natively")
         session.cpuid_faulting = False
+
+
+def program_tag(tid: int) -> str:
+    """What the scan cache calls the program a task runs: a digest of its executable's
+    path. Only which cached pages are planted at once depends on it (those this
+    program's runs executed), never what is planted."""
+    try:
+        path = os.readlink(f"/proc/{tid}/exe")
+    except OSError:
+        return ""
+    return hashlib.sha256(path.encode(errors="surrogateescape")).hexdigest()[:12]
 
 
 def vdso_entries(image: bytes, base: int) -> set[int]:

@@ -449,6 +449,10 @@ class Session:
         fetch = regs.rip <= addr < regs.rip + 16
         if state is not None and fetch and not state.scanned:
             t0 = time.perf_counter()
+            space.executed.add(page_of(addr))
+            if page_of(addr) in space.deferred:
+                self.plant_count(self.patcher.apply_deferred(space, page_of(addr), self.remote(thread),
+                                                             self.thread_rips(space)))
             entry = regs.rip
             if page_of(regs.rip) != page_of(addr):
                 # An instruction straddling into this page: its end is the entry here.

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from sbe.handlers import cpuid as cpuid_model
 from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
                               PROT_WRITE, page_of)
+from sbe.meta.scancache import Entry
 from sbe.meta.site import Patch, Site
 from sbe.meta.syscalls import SYS
 from sbe.patcher import cachedplan, gadget, stubs
@@ -161,20 +162,25 @@ class Patcher:
         return [Fallback(i, k, reason) for i, k in found]
 
     def apply_cached(self, space: AddressSpace, binding, entry, remote=None,
-                     avoid: frozenset = frozenset()) -> tuple[list[Site], list[int]]:
+                     avoid: frozenset = frozenset(), defer: bool = True) -> tuple[list[Site], list[int]]:
         """Plant what a scan cache entry knows of the mapping `binding` names, whose
         bytes (as mapped, no patch yet) are the ones the entry was made from, and
         whose pages no thread can be running: each cached page is then as its scans
         left it, without decoding it again. Its roots (where earlier runs' control
         arrived, indirect branch targets among them: instruction starts no window
         covers) go into the branch table, so branch stubs go there without a trap
-        from the first execution. Returns the sites planted and the pages."""
+        from the first execution. Returns the sites planted and the pages.
+        `defer`: a page other programs' runs executed, and none of this one's, is
+        left for its first fetch (apply_deferred), to be planted only if it runs."""
         planted, pages = [], []
         base = binding.start
         for offset, record in sorted(entry.pages.items()):
             page = base + offset
             state = space.pages.get(page)
             if state is None or state.scanned or page >= binding.end:
+                continue
+            if defer and record.users and space.program not in record.users:
+                space.deferred[page] = (binding, record)
                 continue
             state.learn({base + r for r in record.roots}, {base + s for s in record.starts},
                         {base + t for t in record.targets}, {base + x for x in record.exits})
@@ -191,6 +197,23 @@ class Patcher:
             planted += self.scan(space, x, remote, avoid)
         self.costs.pages_cached += len(pages)
         return planted, pages
+
+    def apply_deferred(self, space: AddressSpace, page: int, remote=None,
+                       avoid: frozenset = frozenset()) -> list[Site]:
+        """A deferred cached page at its first fetch: planted as apply_cached would
+        have (it is still non-executable), and scanned further from the entries
+        other pages' code gave it meanwhile. Returns the sites planted."""
+        binding, record = space.deferred.pop(page)
+        state = space.pages.get(page)
+        if binding is None or state is None or state.scanned:
+            return []
+        pending = set(state.entries)
+        one = Entry(binding.key, binding.path, binding.end - binding.start, {page - binding.start: record})
+        planted, _ = self.apply_cached(space, binding, one, remote, avoid, defer=False)
+        space.learned(page)          # this program runs it: saved with its tag
+        for entry in sorted(pending):
+            planted += self.scan(space, entry, remote, avoid)
+        return planted
 
     @staticmethod
     def _outside(space, outside) -> list[int]:

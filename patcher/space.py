@@ -46,6 +46,10 @@ class AddressSpace:
         self.branch_table = 0
         self.bindings: list[Binding] = []
         self._modules: ModuleMap | None = None
+        # The scan cache's view of which program runs here, and what it runs:
+        self.program = ""                # a tag of the executable (see image.program_tag)
+        self.deferred: dict[int, tuple] = {}   # page -> (binding, record): cached, planted at its fetch
+        self.executed: set[int] = set()  # pages that faulted at a fetch: this program runs them
 
     def fork(self, mem, pid: int) -> "AddressSpace":
         """The state of a child whose memory is a copy of this one's (side caches and
@@ -56,6 +60,9 @@ class AddressSpace:
         twin.caches = [c.copy() for c in self.caches]
         twin.branch_table = self.branch_table
         twin.bindings = [Binding(b.start, b.end, b.key, b.path) for b in self.bindings]
+        twin.program = self.program
+        twin.deferred = {page: (twin.binding_of(page), record) for page, (_, record) in self.deferred.items()}
+        twin.executed = set(self.executed)
         return twin
 
     def close(self) -> None:
@@ -121,6 +128,8 @@ class AddressSpace:
         """The bytes of [start, end) may change: what was learned there is no longer
         the cached mapping's."""
         self.bindings = [b for b in self.bindings if b.end <= start or end <= b.start]
+        for page in [p for p in self.deferred if start < p + PAGE and p < end]:
+            del self.deferred[page]
 
     def cache_entry(self, binding: Binding) -> Entry:
         """What this space knows of a bound mapping, relative to its start."""
@@ -136,7 +145,7 @@ class AddressSpace:
                 {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str, s.plan,
                                     cachedplan.template_to_record(s.template) if s.plan is not None else None)
                  for s in self.sites.in_range(page, page + PAGE)},
-                {x - base for x in state.exits})
+                {x - base for x in state.exits}, [self.program] if page in self.executed else [])
         return entry
 
     # -- side caches -----------------------------------------------------------

@@ -20,7 +20,7 @@ def entry(key=None) -> Entry:
                                  ("e9000000cc", 3, 4, ((0, 7),), ((1, 9, "guest", 0), (9, 16, "cache", 1)),
                                   ((9, "/lib/libdemo.so", 9),))),
                              4000: (1, "branch", "ret", "", "basic block too short", None)},
-                            {4100, -4096})
+                            {4100, -4096}, ["a1b2c3d4e5f6"])
     e.pages[4096] = PageRecord({4096}, {4096}, set(), {})
     return e
 
@@ -81,6 +81,12 @@ def test_a_merge_keeps_a_plan_the_newer_run_did_not_make():
     e.merge(emulated)
     assert e.pages[0].sites[5] == entry().pages[0].sites[5]
     assert e.pages[0].sites[4000] == (1, "branch", "call", "rax", None, None)
+
+
+def test_a_page_remembers_the_programs_that_ran_it_most_recent_first():
+    older, newer = PageRecord(users=[f"p{i}" for i in range(20)]), PageRecord(users=["p5", "new"])
+    older.merge(newer)
+    assert older.users[:3] == ["p5", "new", "p0"] and len(older.users) == scancache.USERS
 
 
 def test_what_is_not_a_file_of_ours_is_a_miss(tmp_path):

@@ -196,3 +196,25 @@ def test_warm_runs_of_a_compiler_write_the_native_object(tmp_path):
                                   "-o", str(out)), timeout=120)
         assert (result.status, result.stdout) == (0, native.stdout), result.stderr.decode()[-2000:]
         assert out.read_bytes() == (tmp_path / "native.o").read_bytes()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", MODES)
+def test_pages_only_other_programs_ran_wait_for_their_first_fetch(guests, tmp_path, mode):
+    """A cache filled by one program holds pages of libc another never runs: those
+    are planted at their first fetch, not when libc is mapped, and once the second
+    program has run them its warm runs plant them at once, with no fault at all."""
+    cache = tmp_path / "cache"
+    other, argv = [str(guests / "branches")], [str(guests / "libc_dynamic")]
+    native = run_cmd(argv)
+    _, filled, _ = sbe_run(other, cache, tmp_path, mode)
+    first, stats, table = sbe_run(argv, cache, tmp_path, mode)
+    second, warm, warm_table = sbe_run(argv, cache, tmp_path, mode)
+    for run in (first, second):
+        assert (run.stdout, run.status) == (native.stdout, native.status)
+    assert stats["fetch_faults"] > 0 and stats["pages_scanned"] < stats["fetch_faults"]   # deferred ones
+    assert warm["fetch_faults"] == 0 and warm["pages_scanned"] == 0
+    assert warm_table == table
+    # what the warm run plants is what it runs, not all the other program ran
+    with_other = sbe_run(argv, tmp_path / "fresh", tmp_path, mode)[1]
+    assert warm["pages_cached"] <= with_other["pages_scanned"] + 2
