@@ -69,23 +69,37 @@ class PageState:
 
 
 class PageMap:
-    """The tracked code pages of one address space, by page address."""
+    """The tracked code pages of one address space, by page address.
+
+    A forked child's map shares the parent's PageStates until either side asks for
+    one (copy on access, as the kernel copies pages on write): a shell forks a
+    thousand subshells, each with hundreds of pages and thousands of starts, and
+    most subshells touch a few of them before they exit."""
 
     def __init__(self) -> None:
         self._pages: dict[int, PageState] = {}
+        self._shared: set[int] = set()    # pages whose state another map holds too
+
+    def _state(self, page: int) -> PageState | None:
+        if page in self._shared:
+            self._shared.discard(page)
+            self._pages[page] = self._pages[page].copy()
+        return self._pages.get(page)
 
     def track(self, start: int, end: int, prot: int) -> None:
         for page in pages_in(start, end):
             self._pages[page] = PageState(prot)
+            self._shared.discard(page)
 
     def untrack(self, start: int, end: int) -> list[int]:
         gone = [p for p in pages_in(start, end) if p in self._pages]
         for p in gone:
             del self._pages[p]
+            self._shared.discard(p)
         return gone
 
     def get(self, address: int) -> PageState | None:
-        return self._pages.get(page_of(address))
+        return self._state(page_of(address))
 
     def tracked_in(self, start: int, end: int) -> list[int]:
         if (end - start) // PAGE < len(self._pages):
@@ -94,13 +108,13 @@ class PageMap:
 
     def add_entry(self, address: int) -> None:
         """Execution will reach `address`: a scan of its page starts there too."""
-        state = self._pages.get(page_of(address))
+        state = self._state(page_of(address))
         if state is not None and not state.scanned:
             state.add_entry(address)
 
     def mark_scanned(self, page: int) -> None:
         """A page known to hold nothing reachable (the vDSO's headers and data)."""
-        self._pages[page].scanned = True
+        self._state(page).scanned = True
 
     def __contains__(self, page: int) -> bool:
         return page in self._pages
@@ -110,5 +124,7 @@ class PageMap:
 
     def copy(self) -> "PageMap":
         twin = PageMap()
-        twin._pages = {p: s.copy() for p, s in self._pages.items()}
+        twin._pages = dict(self._pages)
+        twin._shared = set(self._pages)
+        self._shared = set(self._pages)
         return twin

@@ -69,21 +69,20 @@ class PageRecord:
     # its first fetch (a shell's pages of libc are not /bin/true's).
     users: list = field(default_factory=list)
 
-    def merge(self, newer: "PageRecord") -> None:
-        """The newer scan's decoding of the page replaces this one's: starts from
-        two runs' decodings could overlap (a sweep's guess, which the other run's
-        ground truth dropped), and a trap planted inside a real instruction would
-        corrupt it. Roots (where control really arrived) are kept from both; those
-        the kept decoding lacks are scanned again when control comes there."""
-        roots = self.roots | newer.roots
-        # A run that kept no plan for a site (emulate mode, say) loses none another
-        # run made for the same instruction: plans are checked before use anyway.
+    def merged(self, newer: "PageRecord") -> "PageRecord":
+        """This record with a newer scan of the page merged in (a new record: one a
+        run planted from is never changed under it). The newer decoding replaces
+        this one's: starts from two runs' decodings could overlap (a sweep's guess,
+        which the other run's ground truth dropped), and a trap planted inside a
+        real instruction would corrupt it. Roots (where control really arrived) are
+        kept from both; those the kept decoding lacks are scanned again when control
+        comes there. A run that kept no plan for a site (emulate mode, say) loses
+        none another run made for the same instruction: plans are checked before
+        use anyway."""
         sites = {o: self.sites[o] if site[4] is None and self.sites.get(o, (None,))[:4] == site[:4]
                  else site for o, site in newer.sites.items()}
-        self.starts, self.targets, self.sites, self.exits = (
-            newer.starts, newer.targets, sites, newer.exits)
-        self.roots = roots
-        self.users = list(dict.fromkeys(newer.users + self.users))[:USERS]
+        return PageRecord(newer.starts, self.roots | newer.roots, newer.targets, sites, newer.exits,
+                          list(dict.fromkeys(newer.users + self.users))[:USERS])
 
 
 @dataclass
@@ -95,10 +94,8 @@ class Entry:
 
     def merge(self, other: "Entry") -> None:
         for offset, record in other.pages.items():
-            if offset in self.pages:
-                self.pages[offset].merge(record)
-            else:
-                self.pages[offset] = record
+            mine = self.pages.get(offset)
+            self.pages[offset] = record if mine is None else mine.merged(record)
 
 
 def encode(entry: Entry) -> bytes:
@@ -150,6 +147,7 @@ class ScanCache:
         # Entries this process read or wrote: a process tree execs the same programs
         # over and over (a shell loop), and decoding an entry costs milliseconds.
         self._known: dict[str, Entry] = {}
+        self._pending: dict[str, Entry] = {}   # staged, for flush
 
     def _check_directory(self) -> bool:
         try:
@@ -189,6 +187,22 @@ class ScanCache:
         if entry is None:
             log.info("scan cache entry %s ignored: %s", path, why)
         return entry
+
+    def stage(self, entry: Entry) -> None:
+        """Merge `entry` into what this process will store at `flush`, and serve it
+        to the rest of the run: a shell's thousand subshells each learn a page or
+        two of libc, and storing libc's entry (read, merge, write, fsync) costs
+        tens of milliseconds each time."""
+        base = self._pending.get(entry.key) or self._known.get(entry.key)
+        merged = Entry(entry.key, entry.path, entry.size, dict(base.pages) if base else {})
+        merged.merge(entry)
+        self._pending[entry.key] = self._known[entry.key] = merged
+
+    def flush(self) -> None:
+        """Store what was staged."""
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            self.store(entry)
 
     def store(self, entry: Entry) -> None:
         """Merge `entry` into what the cache holds for its key."""

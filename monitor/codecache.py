@@ -1,6 +1,7 @@
 """The scan cache in a run: bind each file's code mapping to its cache entry when it
 is mapped, plant what the entry knows at once (no fetch fault, no scan, for every
-page an earlier run executed), and save what the run learned when the space ends.
+page an earlier run executed), and stage what the run learned when the space ends
+(the session stores it all when it ends).
 
 Binding happens while the mapping's pages are either not executable or executable
 only by the stopped thread that made it (a fresh image at its exec), so planting them
@@ -75,10 +76,10 @@ def grant(session, thread, pages: list[int], prot: int) -> None:
 
 
 def save(session, space) -> None:
-    """Merge what `space` learned of each bound mapping into the cache."""
+    """Stage what `space` learned of each bound mapping, for the session's end."""
     if session.cache is None:
         return
     for binding in space.bindings:
         if binding.touched:
-            session.cache.store(space.cache_entry(binding))
+            session.cache.stage(space.cache_entry(binding))
             binding.touched.clear()

@@ -67,10 +67,13 @@ def setup_image(session, thread) -> None:
     for m in maps:
         if m.path == "[vdso]":
             pages = range(m.start, m.end, PAGE)
-            if set(codecache.bind(session, thread, m.start, m.end, m.path)) != set(pages):
+            scanned = set(codecache.bind(session, thread, m.start, m.end, m.path)) != set(pages)
+            if scanned:
                 scan_vdso(session, space, m.start, m.end, syscall)
             for page in pages:
                 space.pages.mark_scanned(page)
+                if scanned:
+                    space.learned(page)      # the cache keeps every page: then it knows all of it
     if session.cpuid_faulting and syscall(SYS.arch_prctl, ARCH_SET_CPUID, 0) < 0:
         log.info("CPUID faulting unavailable: a cpuid the scanner misses runs natively")
         session.cpuid_faulting = False

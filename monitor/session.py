@@ -134,6 +134,8 @@ class Session:
                 self.threads.clear()
             for space in self.spaces:
                 codecache.save(self, space)
+            if self.cache is not None:
+                self.cache.flush()
             self.stats.wall_seconds = time.perf_counter() - t0
             self.stats.switches = list(self.switches)
         return self.exit_status if self.exit_status is not None else 1

@@ -208,7 +208,8 @@ class Patcher:
         if binding is None or state is None or state.scanned:
             return []
         pending = set(state.entries)
-        one = Entry(binding.key, binding.path, binding.end - binding.start, {page - binding.start: record})
+        offset = page - binding.start
+        one = Entry(binding.key, binding.path, binding.end - binding.start, {offset: record})
         planted, _ = self.apply_cached(space, binding, one, remote, avoid, defer=False)
         space.learned(page)          # this program runs it: saved with its tag
         for entry in sorted(pending):

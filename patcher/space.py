@@ -132,9 +132,10 @@ class AddressSpace:
             del self.deferred[page]
 
     def cache_entry(self, binding: Binding) -> Entry:
-        """What this space knows of a bound mapping, relative to its start."""
+        """What this space learned of a bound mapping (its touched pages; the others
+        are as the cache or an earlier save has them), relative to its start."""
         entry = Entry(binding.key, binding.path, binding.end - binding.start)
-        for page in range(binding.start, binding.end, PAGE):
+        for page in sorted(binding.touched):
             state = self.pages.get(page)
             if state is None or not state.scanned:
                 continue

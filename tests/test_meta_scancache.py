@@ -85,7 +85,7 @@ def test_a_merge_keeps_a_plan_the_newer_run_did_not_make():
 
 def test_a_page_remembers_the_programs_that_ran_it_most_recent_first():
     older, newer = PageRecord(users=[f"p{i}" for i in range(20)]), PageRecord(users=["p5", "new"])
-    older.merge(newer)
+    older = older.merged(newer)
     assert older.users[:3] == ["p5", "new", "p0"] and len(older.users) == scancache.USERS
 
 
