@@ -461,8 +461,11 @@ class Session:
                 insn = next(decode_from(space.original(regs.rip, 16), regs.rip, regs.rip), None)
                 entry = regs.rip + insn.size if insn else page_of(addr)
             self.plant_count(self.patcher.scan(space, entry, self.remote(thread), self.thread_rips(space),
-                                               exclusive=len(space.users) == 1))
-            self.grant(thread, page_of(addr), state.prot)
+                                               exclusive=len(space.users) == 1, fresh=True))
+            # Planting elsewhere may have flushed a full side cache, and with it this
+            # page: then it stays non-executable, and faults (and is scanned) again.
+            if space.pages.get(addr) is not None and space.pages.get(addr).scanned:
+                self.grant(thread, page_of(addr), state.prot)
             self.stats.faults += 1
             self.stats.fault_seconds += time.perf_counter() - t0
             return Resume()

@@ -103,7 +103,7 @@ class Patcher:
 
     # -- scanning and planting -------------------------------------------------
     def scan(self, space: AddressSpace, address: int, remote=None, avoid: frozenset = frozenset(),
-             exclusive: bool = False) -> list[Site]:
+             exclusive: bool = False, fresh: bool = False) -> list[Site]:
         """Scan (or extend the scan of) the page holding `address`, from `address`
         and the entries learned for that page; plant what it finds. Entries found
         for other pages are recorded there, or extend those pages if already scanned.
@@ -111,13 +111,21 @@ class Patcher:
         (without it, sites that would need a new cache stay `int3`).
         `avoid`: addresses no new window may hold strictly inside (threads' rips).
         `exclusive`: every thread of the space is stopped, so windows may be written
-        even in pages that already run. Returns the sites planted."""
+        even in pages that already run. `fresh`: the page of `address` may be scanned
+        for the first time, because the caller makes it executable (a fetch fault;
+        the vDSO, which always is). Any other page not scanned yet only learns the
+        entry: it is not executable, so it faults, and is scanned, before it runs
+        (a page a retired side cache's flush sent back to unscanned included).
+        Returns the sites planted."""
         new_sites: list[Site] = []
         work = [address]
         while work:
             target = work.pop()
             state = space.pages.get(target)
             if state is None:
+                continue
+            if not state.scanned and not (fresh and page_of(target) == page_of(address)):
+                state.add_entry(target)
                 continue
             inside = space.window_around(target)
             if inside is not None:
@@ -196,7 +204,9 @@ class Patcher:
         for x in self._outside(space, exits):
             planted += self.scan(space, x, remote, avoid)
         self.costs.pages_cached += len(pages)
-        return planted, pages
+        # A page a side cache's flush sent back to unscanned meanwhile is not one to
+        # make executable: it is scanned again at its first fetch.
+        return planted, [page for page in pages if space.pages.get(page).scanned]
 
     def apply_deferred(self, space: AddressSpace, page: int, remote=None,
                        avoid: frozenset = frozenset()) -> list[Site]:
@@ -502,7 +512,12 @@ class Patcher:
         self.costs.flushes += 1
         pages = {page_of(s.address) for s in space.sites
                  if s.patch is not None and cache.start <= s.patch.stub < cache.start + cache.size}
-        for page in sorted(pages - {keep}):
+        # Not the vDSO's: it cannot be made non-executable, so sent back to unscanned
+        # it would run unscanned for good. Its stubs stay where they are (a retired
+        # cache is never unmapped), as the kept page's do.
+        vdso = {page for page in pages if (space.modules.mapping_at(page) or None) is not None
+                and space.modules.mapping_at(page).path == "[vdso]"}
+        for page in sorted(pages - {keep} - vdso):
             state = space.pages.get(page)
             self.invalidate(space, page, page + PAGE, untrack=False, bytes_change=False)
             if state is not None and remote is not None:

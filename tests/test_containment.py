@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_cmd, run_sbe
+from conftest import run_cmd, run_sbe, sbe_argv
 from sbe.monitor.session import Session
 from verifying import VerifyingSession
 
@@ -119,3 +119,17 @@ def test_the_whole_vdso_is_scanned_before_the_guest_starts(tmp_path, mode):
     assert result.status == 0
     planted = {r["offset"] for r in json.loads(sites.read_text())["sites"] if r["module"] == "[vdso]"}
     assert expected and expected <= planted
+
+
+@pytest.mark.timeout(300)
+def test_flushed_pages_on_a_warm_cache_run_natively(guests, tmp_path):
+    """With side caches of a few stubs each on a warm scan cache, planting one page
+    retires caches and sends pages planted just before back to unscanned. Those
+    must not be made executable, and a page scanned for a work item left over from
+    before the flush must be made executable or left unscanned: one that was left
+    scanned but not executable killed the guest with SIGSEGV on the third run."""
+    path = str(guests / "libc_dynamic")
+    native = run_cmd([path])
+    for _ in range(4):
+        result = run_cmd(sbe_argv("run", "--cache-size", "12K", "--cache-dir", str(tmp_path), "--", path))
+        assert (result.stdout, result.status) == (native.stdout, native.status)
