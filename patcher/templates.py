@@ -114,7 +114,8 @@ BRANCH_TAILS = {
             "59"                  # 44: pop rcx
             "415b"                # 45: pop r11
             "415a"                # 47: pop r10
-            "c28000"              # 49: ret 0x80
+            "488da42488000000"    # 49: lea rsp, [rsp + 0x88]
+            "ffa42478ffffff"      # 57: jmp qword ptr [rsp - 0x88]
         ),
         {"branch_table": 7},
         38,
@@ -136,7 +137,8 @@ BRANCH_TAILS = {
             "59"                  # 44: pop rcx
             "415a"                # 45: pop r10
             "415b"                # 47: pop r11
-            "c28000"              # 49: ret 0x80
+            "488da42488000000"    # 49: lea rsp, [rsp + 0x88]
+            "ffa42478ffffff"      # 57: jmp qword ptr [rsp - 0x88]
         ),
         {"branch_table": 7},
         38,
@@ -160,7 +162,8 @@ BRANCH_TAILS = {
             "59"                  # 59: pop rcx
             "415b"                # 60: pop r11
             "415a"                # 62: pop r10
-            "c27800"              # 64: ret 0x78
+            "488da42480000000"    # 64: lea rsp, [rsp + 0x80]
+            "ff642480"            # 72: jmp qword ptr [rsp - 0x80]
         ),
         {"site_end": 47, "branch_table": 7},
         38,
@@ -184,7 +187,8 @@ BRANCH_TAILS = {
             "59"                  # 59: pop rcx
             "415a"                # 60: pop r10
             "415b"                # 62: pop r11
-            "c27800"              # 64: ret 0x78
+            "488da42480000000"    # 64: lea rsp, [rsp + 0x80]
+            "ff642480"            # 72: jmp qword ptr [rsp - 0x80]
         ),
         {"site_end": 47, "branch_table": 7},
         38,

@@ -131,7 +131,8 @@ def branch_tail_text(is_call: bool, scratch: str, at: dict) -> str:
         pop rcx
         pop {other}
         pop {scratch}
-        ret {RED_ZONE - 8 if is_call else RED_ZONE}
+        lea rsp, [rsp + {RED_ZONE if is_call else RED_ZONE + 8}]
+        jmp qword ptr [rsp - {RED_ZONE if is_call else RED_ZONE + 8}]
     """
 
 
