@@ -31,6 +31,7 @@ class Patch(NamedTuple):
     trap: int = 0           # the stub's int3 ("emulate the site here"), if it has one
     resume: int = 0         # where the stub goes on after that trap (0: the handler decides)
     displaced: tuple = ()   # (stub address, original address) of each displaced instruction
+    guarded: bool = False   # the site keeps its bytes and runs after the stub's check
 
 
 @dataclass(eq=False)

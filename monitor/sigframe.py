@@ -93,16 +93,33 @@ def deliver_translated(thread, space, sig: int) -> bool:
     return True
 
 
+def frame_rip(space, rsp: int) -> int:
+    """The rip the frame at rt_sigreturn (rsp at the ucontext) returns to; 0 when
+    there is no frame to read (the kernel then kills the guest with SIGSEGV)."""
+    try:
+        return _slot(space, rsp - 8 + MCONTEXT, "rip")
+    except OSError:
+        return 0
+
+
 def restore_on_sigreturn(thread, space, rsp: int) -> None:
     """At rt_sigreturn (rsp at the ucontext): give the kernel back the real values
-    the view replaced, unless the handler rewrote them."""
+    the view replaced, unless the handler rewrote them. A handler that sent the
+    frame elsewhere (rewrote rip) gets none back: the view is the guest's own state
+    at an instruction boundary, so from there on it is the state to go on with, and
+    the real rsp and rcx belong to the stub the frame no longer returns to."""
     frame = rsp - 8 + MCONTEXT
     while thread.frames:
         at, view, real = thread.frames.pop()
         if at != frame:
             continue     # a frame left by longjmp: gone with its handler
+        if "rip" in view and _slot(space, frame, "rip") != view["rip"] & 0xFFFFFFFFFFFFFFFF:
+            return
         for name, value in view.items():
-            slot = frame + 8 * GREG[name]
-            if int.from_bytes(space.mem.read(slot, 8), "little") == value & 0xFFFFFFFFFFFFFFFF:
-                space.mem.write(slot, struct.pack("<Q", real[name]))
+            if _slot(space, frame, name) == value & 0xFFFFFFFFFFFFFFFF:
+                space.mem.write(frame + 8 * GREG[name], struct.pack("<Q", real[name]))
         return
+
+
+def _slot(space, frame: int, name: str) -> int:
+    return int.from_bytes(space.mem.read(frame + 8 * GREG[name], 8), "little")

@@ -119,6 +119,12 @@ def rt_sigreturn(session, thread, regs):
     thread.gadget = None
     if thread.frames:
         sigframe.restore_on_sigreturn(thread, thread.space, regs.rsp)
+    # A guarded site branches natively on what its stub checked; a handler may have
+    # changed that register in the frame, so the site becomes a trap before the
+    # frame returns to it.
+    site = thread.space.sites.get(sigframe.frame_rip(thread.space, regs.rsp))
+    if site is not None and site.patch is not None and site.patch.guarded:
+        session.patcher.demote(thread.space, site, "a signal returned to it")
     return None
 
 

@@ -5,7 +5,7 @@ Planning a page's windows decodes the neighbours of every site again (thousands 
 capstone calls for a process's libc), yet a plan is a function of the page's bytes
 and of what its scans knew, which is exactly what a cache entry is keyed by and
 holds. So each site's record keeps the plan it was planted from: its window (start,
-end, the displaced instructions before and after it) or the reason it stays a trap.
+end, the displaced instructions before and after it, whether the site is guarded) or the reason it stays a trap.
 
 Only plans that are such a function are kept: a trap because of the mode, the
 policy, a thread standing nearby or a side cache that could not be had is not, and a
@@ -42,7 +42,7 @@ def to_record(plan, base: int):
         return plan.reason
     def rel(insns):
         return tuple((i.address - base, i.size, i.mnemonic, i.op_str) for i in insns)
-    return (plan.start - base, plan.end - base, rel(plan.before), rel(plan.after))
+    return (plan.start - base, plan.end - base, rel(plan.before), rel(plan.after), plan.guard)
 
 
 def from_record(record, base: int) -> list | None:
@@ -57,7 +57,9 @@ def from_record(record, base: int) -> list | None:
             continue
         if kept is None:
             return None
-        start, end, before, after = kept
+        start, end, before, after, guard = kept
+        if guard and (after or kind != "branch"):
+            return None
         insns = (*before, (offset, size, mnemonic, op_str), *after)
         at = start
         for o, n, _, _ in insns:
@@ -68,7 +70,7 @@ def from_record(record, base: int) -> list | None:
             return None
         plans.append(Window(site, kind, base + start, base + end,
                             tuple(Insn(base + o, *rest) for o, *rest in before),
-                            tuple(Insn(base + o, *rest) for o, *rest in after)))
+                            tuple(Insn(base + o, *rest) for o, *rest in after), guard))
         spans.append((start, end))
     spans.sort()
     if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
@@ -85,12 +87,12 @@ def template_to_record(template):
 
 
 def templates_of(record) -> list:
-    """((site offset, window start, window end), template) for each site of the
+    """((site offset, window start, window end, guarded), template) for each site of the
     record that keeps a window and its stub's template."""
     found = []
     for offset, (_, _, _, _, kept, doc) in record.sites.items():
         if isinstance(kept, tuple) and doc is not None:
             code, trap, resume, displaced, fields, anchors = doc
-            found.append(((offset, kept[0], kept[1]),
+            found.append(((offset, kept[0], kept[1], kept[4]),
                           (Stub(bytes.fromhex(code), trap, resume, displaced, fields), anchors)))
     return found

@@ -2,6 +2,8 @@
 
     [before, relocated] [kind body, fields filled] [after, relocated] jmp -> window end
 
+(a guarded branch: [before, relocated] [the target's check] jmp -> the site itself)
+
 Displaced instructions are relocated (rip-relative operands re-aimed); the body comes
 from sbe.patcher.stubs' templates; branch bodies re-encode the site's own operand as a
 load of the target. Everything here is a function of bytes and addresses.
@@ -88,7 +90,7 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
         elif kind == "branch":
             is_call = site_insn.mnemonic.split()[-1] == "call"
             for scratch in ("r11", "r10"):
-                head, tail = stubs.branch_parts(is_call, scratch)
+                head, tail = stubs.branch_guard(scratch) if window.guard else stubs.branch_parts(is_call, scratch)
                 try:
                     load = _aimed(load_operand, site_raw, site_insn.address, here + len(head.code), fields,
                                   at, scratch, stubs.BRANCH_BIAS)
@@ -101,7 +103,11 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
             tail_at = at + len(code)
             code += _filled(tail, tail_at, values, fields, at)
             trap = tail_at - at + tail.trap
-            return Stub(code, trap, None, _offsets(placed, at), tuple(fields))   # a branch leaves for its target
+            if not window.guard:
+                return Stub(code, trap, None, _offsets(placed, at), tuple(fields))   # a branch leaves for its target
+            fields.append((len(code) + 1, site_insn.address, "guest", 0))
+            code += stubs.jmp5(at + len(code), site_insn.address)   # the site runs as it is
+            return Stub(code, trap, None, _offsets(placed, at), tuple(fields))
         else:
             raise EmitError(f"no stub for kind {kind}")
         code += _relocated(window.after, window_bytes, window.start, at + len(code), placed, fields, at)

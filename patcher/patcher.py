@@ -80,7 +80,12 @@ def shifted(plan, delta: int):
     if isinstance(plan, Fallback):
         return Fallback(move(plan.site), plan.kind, plan.reason)
     return Window(move(plan.site), plan.kind, plan.start + delta, plan.end + delta,
-                  tuple(map(move, plan.before)), tuple(map(move, plan.after)))
+                  tuple(map(move, plan.before)), tuple(map(move, plan.after)), plan.guard)
+
+
+def _patched_end(window) -> int:
+    """Where the bytes a window's patch writes end: a guarded site keeps its own."""
+    return window.site.address if window.guard else window.end
 
 
 def _near(avoid: frozenset, page: int) -> frozenset:
@@ -327,11 +332,12 @@ class Patcher:
                     return None
                 blob.append(stub.code)
                 start, end = base + plan[0], base + plan[1]
-                patched[start - page:end - page] = stubs.jmp5(start, at + offset) + INT3 * (end - start - 5)
+                pad_end = address if plan[4] else end     # a guarded site keeps its bytes
+                patched[start - page:pad_end - page] = stubs.jmp5(start, at + offset) + INT3 * (pad_end - start - 5)
                 site.patch = Patch(start, end, code[start - page:end - page], at + offset, len(stub.code),
                                    trap=at + offset + stub.trap if stub.trap is not None else 0,
                                    resume=at + offset + stub.resume if stub.resume is not None else 0,
-                                   displaced=stub.displaced)
+                                   displaced=stub.displaced, guarded=plan[4])
             sites.append(site)
         if size:
             space.mem.write(cache.take(size), b"".join(blob))
@@ -411,8 +417,8 @@ class Patcher:
             window.start, window.end, window_bytes, at, len(stub.code),
             trap=at + stub.trap if stub.trap is not None else 0,
             resume=at + stub.resume if stub.resume is not None else 0,
-            displaced=tuple((at + off, orig) for off, orig in stub.displaced))
-        space.mem.write(window.start, stubs.jmp5(window.start, at) + INT3 * (window.end - window.start - 5))
+            displaced=tuple((at + off, orig) for off, orig in stub.displaced), guarded=window.guard)
+        space.mem.write(window.start, stubs.jmp5(window.start, at) + INT3 * (_patched_end(window) - window.start - 5))
         space.sites.add(site)
         self.costs.stub_seconds += time.perf_counter() - t0
 
@@ -428,7 +434,7 @@ class Patcher:
             return compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
                            window, window_bytes, cache.next, cache), None
         base = binding.start
-        key = (binding.key, site.address - base, window.start - base, window.end - base)
+        key = (binding.key, site.address - base, window.start - base, window.end - base, window.guard)
         template = self._templates.get(key)
         if template is not None:
             stub, anchors = template
@@ -445,9 +451,9 @@ class Patcher:
 
     def known_templates(self, binding, templates) -> None:
         """Templates a scan cache entry kept for `binding`'s windows: (site offset,
-        window start, window end) -> template, offsets relative to the mapping."""
-        for (site, start, end), template in templates:
-            self._templates.setdefault((binding.key, site, start, end), template)
+        window start, window end, guarded) -> template, offsets relative to the mapping."""
+        for (site, start, end, guard), template in templates:
+            self._templates.setdefault((binding.key, site, start, end, guard), template)
 
     def unplant(self, space: AddressSpace, site: Site) -> None:
         """Put the original bytes back under the site's patch (the site stays in the

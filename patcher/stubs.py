@@ -42,6 +42,7 @@ _SYSCALL = Body(*templates.SYSCALL)
 _CPUID = Body(*templates.CPUID)
 _BRANCH_HEADS = {scratch: Body(*t) for scratch, t in templates.BRANCH_HEADS.items()}
 _BRANCH_TAILS = {key: Body(*t) for key, t in templates.BRANCH_TAILS.items()}
+_BRANCH_GUARDS = {scratch: Body(*t) for scratch, t in templates.BRANCH_GUARDS.items()}
 
 
 def syscall_body() -> Body:
@@ -81,6 +82,13 @@ def branch_parts(is_call: bool, scratch: str) -> tuple[Body, Body]:
     frame is built. A miss restores everything and traps. `scratch` is r10 or r11, the two the
     templates are generated for."""
     return _BRANCH_HEADS[scratch], _BRANCH_TAILS[is_call, scratch]
+
+
+def branch_guard(scratch: str) -> tuple[Body, Body]:
+    """The head and check of a guarded branch site (scanner.window.Window.guard): the
+    same check as branch_parts', whose hit restores everything and leaves for the
+    site itself, which then branches natively."""
+    return _BRANCH_HEADS[scratch], _BRANCH_GUARDS[scratch]
 
 
 def rel32(source_end: int, target: int) -> bytes:

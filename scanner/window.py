@@ -80,6 +80,11 @@ class Window:
     end: int
     before: tuple[Insn, ...]   # displaced instructions before the site, in order
     after: tuple[Insn, ...]    # displaced instructions after the site, in order
+    # The site keeps its own bytes and runs natively once its stub has checked its
+    # target: the jump and its padding fill [start, site.address). The window still
+    # ends at the site's end, so nothing may land on the site itself: every way to
+    # it goes through the check.
+    guard: bool = False
 
     @property
     def size(self) -> int:
@@ -92,6 +97,8 @@ class Window:
     @property
     def tactic(self) -> str:
         """Which tactic gave the window, as the statistics count it."""
+        if self.guard:
+            return "guard"
         if self.before and self.after:
             return "both"
         if self.before:
@@ -204,6 +211,16 @@ class _Planner:
                 return self._accept(site, kind, (), ())
             return self._reject(site, kind, "site", [flaw])
 
+        if _guardable(site, kind):
+            before, stop = self._backward(site, JMP5)
+            count = _reach(before[::-1], JMP5)
+            if stop is None and count is not None:
+                chosen = tuple(before[len(before) - count:])
+                stop = self._flaw([*chosen, site])
+                if stop is None:
+                    return self._accept(site, kind, chosen, (), guard=True)
+            self._count("guard", stop)
+
         # A call returns to the instruction after it, which must stay where it is; a
         # jmp (or any terminator) ends its block. Every `branch` site is one or the
         # other, so branch windows only ever extend backwards.
@@ -222,11 +239,12 @@ class _Planner:
             reasons.append(stop)
         return Fallback(site, kind, min(reasons, key=_RANK.__getitem__))
 
-    def _accept(self, site: Insn, kind: str, before: tuple[Insn, ...], after: tuple[Insn, ...]) -> Window:
+    def _accept(self, site: Insn, kind: str, before: tuple[Insn, ...], after: tuple[Insn, ...],
+                guard: bool = False) -> Window:
         start = before[0].address if before else site.address
         end = after[-1].end if after else site.end
         self.floor = end
-        return Window(site, kind, start, end, before, after)
+        return Window(site, kind, start, end, before, after, guard)
 
     def _reject(self, site: Insn, kind: str, tactic: str, reasons: list[str]) -> Fallback:
         for reason in reasons:
@@ -337,6 +355,17 @@ class _Planner:
         if end not in self.starts and end != self.end and not is_terminator(last.mnemonic, last.op_str):
             return END_NOT_BOUNDARY
         return None
+
+
+def _guardable(site: Insn, kind: str) -> bool:
+    """An indirect jmp/call through a register other than rsp: its stub can check
+    the target and let the site itself run, since nothing can change the register
+    between the check and the branch. A `call` that runs natively pushes its return
+    address as a call does, so the callee's `ret` is predicted; a stub that pushes
+    it by hand makes every such `ret` a misprediction (with the return-stack
+    predictor out of step for the returns after it). A memory operand is read again
+    by the site, after the check, and another thread may have written it between."""
+    return kind == "branch" and "[" not in site.op_str and "sp" not in site.op_str
 
 
 def _reach(insns: list[Insn], need: int) -> int | None:

@@ -133,3 +133,39 @@ def test_flushed_pages_on_a_warm_cache_run_natively(guests, tmp_path):
     for _ in range(4):
         result = run_cmd(sbe_argv("run", "--cache-size", "12K", "--cache-dir", str(tmp_path), "--", path))
         assert (result.stdout, result.status) == (native.stdout, native.status)
+
+
+@pytest.mark.timeout(120)
+def test_a_register_call_runs_in_place_after_its_stub_checks_it(guests, tmp_path):
+    """Most `call reg` sites keep their bytes: the stub checks the target and jumps
+    back to the call, so its return is predicted. Nothing lands on the call but
+    through its stub."""
+    sites = tmp_path / "sites.json"
+    argv = [str(guests / "branches")]
+    native = run_cmd(argv)
+    virt = run_sbe(argv, mode="patch", extra=("--no-cache", "--sites-out", str(sites)))
+    assert (virt.stdout, virt.status) == (native.stdout, native.status)
+    guarded = [r for r in json.loads(sites.read_text())["sites"]
+               if r["strategy"] == "jmp5" and r["insn"].startswith("call r")
+               and r["window_end"] == r["address"] + r["size"]
+               and r["address"] - r["window_start"] >= 5]
+    assert guarded
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["emulate", "patch"])
+def test_a_signal_frame_sent_back_to_a_guarded_call_is_checked(guests, tmp_path, mode):
+    """The handler rewrites rip to a guarded `call rax` and rax to another target:
+    the call must not run on a register no stub checked, so it becomes a trap
+    (emulated, its target validated) when the frame returns to it."""
+    sites = tmp_path / "sites.json"
+    argv = [str(guests / "sigguard")]
+    native = run_cmd(argv)
+    assert native.stdout == b"the call reached second\n"
+    virt = run_sbe(argv, mode=mode, extra=("--no-cache", "--sites-out", str(sites)))
+    assert (virt.stdout, virt.status) == (native.stdout, native.status)
+    if mode == "patch":
+        rows = json.loads(sites.read_text())["sites"]
+        run = next(r for r in rows if r["module"].endswith("/sigguard") and r["insn"] == "call rax"
+                   and r["reason"] == "a signal returned to it")
+        assert run["strategy"] == "int3" and run["hits"] == 1

@@ -47,7 +47,7 @@ def test_a_kept_plan_the_record_does_not_bear_out_is_refused():
     plans, record = planned(PAGE)
     window = next(p for p in plans if isinstance(p, Window) and len(p.insns) > 1)
     offset = window.site.address - PAGE
-    start, end, before, after = cachedplan.to_record(window, PAGE)
+    start, end, before, after, guard = cachedplan.to_record(window, PAGE)
     inside = window.insns[1].address - PAGE
     assert cachedplan.from_record(record, PAGE) is not None
     # a root inside the window (control arrives there)
@@ -57,7 +57,7 @@ def test_a_kept_plan_the_record_does_not_bear_out_is_refused():
     assert cachedplan.from_record(PageRecord(record.starts - {inside}, record.roots, record.targets,
                                              record.sites, record.exits), PAGE) is None
     # a window that is not its instructions end to end
-    assert cachedplan.from_record(_with(record, offset, (start, end + 1, before, after)), PAGE) is None
+    assert cachedplan.from_record(_with(record, offset, (start, end + 1, before, after, guard)), PAGE) is None
     # a site with no plan: the page is planned afresh
     assert cachedplan.from_record(_with(record, offset, None), PAGE) is None
 
@@ -72,7 +72,7 @@ def test_windows_that_overlap_another_site_are_refused():
                                  (), ())
     between = (*first.after, second.site)        # mov rdi, rax; cpuid: end to end
     assert between[0].address == first.site.end and between[-1].end == PAGE + end
-    kept = (start, end, before, tuple((i.address - PAGE, i.size, i.mnemonic, i.op_str) for i in between))
+    kept = (start, end, before, tuple((i.address - PAGE, i.size, i.mnemonic, i.op_str) for i in between), False)
     assert cachedplan.from_record(_with(record, first.site.address - PAGE, kept), PAGE) is None
 
 

@@ -126,7 +126,8 @@ def test_a_moved_stub_is_the_stub_composed_there(kind, site, raw, before, after)
 @pytest.mark.parametrize("library", ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"])
 def test_every_stub_of_a_library_moved_is_the_stub_composed_there(library):
     """Placing a template, over the windows planned on real code's page scans: the
-    displaced instruction forms and branch operands these libraries have."""
+    displaced instruction forms and branch operands these libraries have (the side
+    cache within reach of the code, as a live one is)."""
     from elftools.elf.elffile import ELFFile
 
     from sbe.patcher.emit import EmitError
@@ -148,16 +149,16 @@ def test_every_stub_of_a_library_moved_is_the_stub_composed_there(library):
                 continue
             raw = chunk[plan.start - page:plan.end - page]
             try:
-                first = compose(plan.kind, plan.site, plan, raw, 0x7f0000400000, _Cache(0x7f0000000000))
+                first = compose(plan.kind, plan.site, plan, raw, 0x40400000, _Cache(0x40000000))
             except EmitError:
                 continue
-            delta, cache_start = 0x10000000, 0x7f0000000000 + 0x3000000
+            delta, cache_start = 0x10000000, 0x40000000 + 0x3000000
             def shift(insn):
                 return insn._replace(address=insn.address + delta)
             there = Window(shift(plan.site), plan.kind, plan.start + delta, plan.end + delta,
-                           tuple(map(shift, plan.before)), tuple(map(shift, plan.after)))
+                           tuple(map(shift, plan.before)), tuple(map(shift, plan.after)), plan.guard)
             want = compose(plan.kind, shift(plan.site), there, raw, cache_start + 0x880, _Cache(cache_start))
-            got = placed(detached(first, 0, 0x7f0000000000), cache_start + 0x880, delta, cache_start)
+            got = placed(detached(first, 0, 0x40000000), cache_start + 0x880, delta, cache_start)
             assert (got.code, got.trap, got.resume, got.displaced) == (
                 want.code, want.trap, want.resume, want.displaced), plan
             checked += 1

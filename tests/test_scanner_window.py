@@ -159,6 +159,13 @@ def check_plans(code, base, end, starts, sites, targets, kinds, plans):
             assert window.before == window.after == ()
         if not forward_allowed(window.site, window.kind):
             assert window.after == ()
+        if window.guard:
+            # The site keeps its bytes: the jump and its padding lie before it, and the
+            # site is a branch through a register the stub's check reads.
+            assert window.kind == "branch" and window.after == ()
+            assert "[" not in window.site.op_str
+            assert JMP5 <= window.site.address - window.start < JMP5 + window.before[0].size
+            continue
         # Minimal: without its outermost displaced instruction it would be too short.
         if window.before:
             assert window.size - window.before[0].size < JMP5
@@ -412,7 +419,7 @@ def test_window_must_end_where_the_stub_can_return():
     # A jmp never comes back: its window may end anywhere.
     code = asm("nop; mov rax, qword ptr [rdi + 8]; jmp rax") + bytes.fromhex("06" "c3")
     page = Page(code, drop={BASE + 7, BASE + 8})
-    assert only(page, "jmp").tactic == "backward"
+    assert isinstance(only(page, "jmp"), Window)
 
 
 # -- branch sites extend only backwards
@@ -422,7 +429,29 @@ def test_window_must_end_where_the_stub_can_return():
 def test_branch_site_extends_backwards(branch):
     page = Page(asm(f"nop; mov rax, qword ptr [rdi + 8]; {branch}; mov rdi, rax; ret"))
     window = only(page, branch.split()[0])
-    assert window.tactic == "backward" and window.after == ()
+    assert window.after == ()
+    # Through a register: the stub checks, and the site itself branches.
+    assert window.tactic == ("backward" if "[" in branch else "guard")
+
+
+@pytest.mark.parametrize("branch", ["call rax", "jmp rdx", "call r8"])
+def test_a_guard_needs_five_bytes_before_the_site(branch):
+    guarded = only(Page(asm(f"mov rdi, rbx; mov rax, qword ptr [rdi + 8]; {branch}; ret")), branch.split()[0])
+    assert guarded.tactic == "guard" and guarded.end == guarded.site.end
+    assert guarded.site.address - guarded.start == 7
+    short = only(Page(asm(f"nop; mov rdi, rbx; {branch}; ret")), branch.split()[0])
+    assert short.tactic == "backward"
+
+
+def test_no_guard_when_control_may_land_on_the_site():
+    page = Page(asm("mov rdi, rbx; mov rax, qword ptr [rdi + 8]; call rax; ret"))
+    site = page.site("call")
+    assert only(page, "call", targets={site.address}).reason == TARGET_INSIDE
+
+
+def test_no_guard_through_rsp():
+    page = Page(asm("mov rdi, rbx; mov rax, qword ptr [rdi + 8]; call rsp; ret"))
+    assert only(page, "call").tactic == "backward"
 
 
 @pytest.mark.parametrize("branch", ["call rax", "jmp rax"])
@@ -549,6 +578,19 @@ def reference_window(code, end, starts, sites, targets, kinds, site, kind, floor
     if kind not in kinds or site.address < floor:
         return None
     site_addresses = {insn.address for insn, _ in sites}
+    if kind == "branch" and "[" not in site.op_str and "sp" not in site.op_str:
+        guards = []
+        for start in range(max(floor, BASE, site.address - 20), site.address - JMP5 + 1):
+            chain = tiling(code, starts, start, site.end)
+            if chain is None or chain[-1] != site:
+                continue
+            if not all(movable(insn, site_addresses) for insn in chain[:-1]):
+                continue
+            if window_flaws(code, BASE, end, starts, site_addresses, targets, chain):
+                continue
+            guards.append((site.address - start, start))
+        if guards:
+            return min(guards)[1], site.end
     valid = []
     for start in range(max(floor, BASE, site.address - 20), site.address + 1):
         for stop in range(site.end, min(end, site.end + 20) + 1):

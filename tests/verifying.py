@@ -23,6 +23,7 @@ class VerifyingSession(Session):
         self.violations: list[str] = []
         self.stepped = 0
         self.last_rip: dict[int, int | None] = {}   # tid -> the instruction about to run
+        self.came_from: dict[int, int | None] = {}  # tid -> the instruction that ran before it
 
     # Where the monitor, not the CPU, moves a thread on, the next step's
     # instruction is not the one before it.
@@ -48,6 +49,7 @@ class VerifyingSession(Session):
     def verify_step(self, thread, rip: int) -> None:
         self.stepped += 1
         ran, self.last_rip[thread.tid] = self.last_rip.get(thread.tid), rip
+        before, self.came_from[thread.tid] = self.came_from.get(thread.tid), ran
         space = thread.space
         if ran is None or gadget.contains(ran) or space.in_cache(ran):
             return
@@ -60,6 +62,12 @@ class VerifyingSession(Session):
             return
         if space.window_starting_at(ran) is not None:
             return   # what ran there is the jump to the site's stub
+        site = space.sites.get(ran)
+        if site is not None and site.patch is not None and site.patch.guarded:
+            # A guarded site runs natively once its stub has checked it, and only then.
+            if before is None or not site.patch.stub <= before < site.patch.stub + site.patch.stub_size:
+                self.violations.append(f"{ran:#x}: guarded `{site.insn}` entered other than from its stub")
+            return
         insn = next(decode_from(space.original(ran, 16), ran, ran), None)
         if insn is not None and classify(insn.mnemonic, insn.op_str):
             self.violations.append(f"{ran:#x}: sensitive `{insn.mnemonic} {insn.op_str}` ran natively")

@@ -107,12 +107,10 @@ def branch_head_text(scratch: str) -> str:
     """
 
 
-def branch_tail_text(is_call: bool, scratch: str, at: dict) -> str:
+def _check_text(scratch: str, at: dict, hit: str) -> str:
+    """The branch table check of the target in `scratch`: a miss restores everything
+    and traps; a hit runs `hit` with the three pushes still on the stack."""
     other = _other(scratch)
-    push_call = f"""
-        lea {other}, [rip + {at['site_end']}]
-        mov qword ptr [rsp + {BRANCH_BIAS - 8}], {other}
-    """ if is_call else ""
     return f"""
         movzx {other}d, {scratch}w
         mov rcx, qword ptr [rip + {at['branch_table']}]
@@ -126,13 +124,33 @@ def branch_tail_text(is_call: bool, scratch: str, at: dict) -> str:
         lea rsp, [rsp + {RED_ZONE + 8}]
         int3
     hit:
-        mov qword ptr [rsp + 24], {scratch}
-        {push_call}
+        {hit}
         pop rcx
         pop {other}
         pop {scratch}
+    """
+
+
+def branch_tail_text(is_call: bool, scratch: str, at: dict) -> str:
+    other = _other(scratch)
+    push_call = f"""
+        lea {other}, [rip + {at['site_end']}]
+        mov qword ptr [rsp + {BRANCH_BIAS - 8}], {other}
+    """ if is_call else ""
+    return _check_text(scratch, at, f"""
+        mov qword ptr [rsp + 24], {scratch}
+        {push_call}
+    """) + f"""
         lea rsp, [rsp + {RED_ZONE if is_call else RED_ZONE + 8}]
         jmp qword ptr [rsp - {RED_ZONE if is_call else RED_ZONE + 8}]
+    """
+
+
+def branch_guard_text(scratch: str, at: dict) -> str:
+    """The check of a guarded site (scanner.window.Window.guard): a hit restores
+    everything and goes on to the site itself (the emitter's jump back follows)."""
+    return _check_text(scratch, at, "") + f"""
+        lea rsp, [rsp + {RED_ZONE + 8}]
     """
 
 
@@ -176,6 +194,7 @@ def templates() -> dict:
                          for scratch in SCRATCH},
         "BRANCH_TAILS": {(is_call, scratch): template(partial(branch_tail_text, is_call, scratch))
                          for is_call in (False, True) for scratch in SCRATCH},
+        "BRANCH_GUARDS": {scratch: template(partial(branch_guard_text, scratch)) for scratch in SCRATCH},
     }
 
 
