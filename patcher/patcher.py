@@ -97,6 +97,7 @@ class Patcher:
     def __init__(self, policy: PatchPolicy | None = None, cpu=None, costs: PatchCosts | None = None) -> None:
         self.policy = policy or PatchPolicy()
         self.cpu = cpu or cpuid_model.HOST
+        self._cpuid_rows: tuple | None = None
         self.costs = costs if costs is not None else PatchCosts()
         # Plans of cached pages, made relative to their page: a process tree maps the
         # same code again and again (every exec of a shell loop), at other addresses.
@@ -503,12 +504,16 @@ class Patcher:
         space.caches.append(cache)
         return cache
 
-    def cpuid_rows(self):
-        for (leaf, subleaf), regs in sorted(self.cpu.table().items()):
-            any_subleaf = leaf not in cpuid_model.SUBLEAF_LEAVES
-            if any_subleaf and subleaf:
-                continue
-            yield (leaf, subleaf, any_subleaf, regs)
+    def cpuid_rows(self) -> tuple:
+        """The virtual CPU's table as side caches hold it. Made once: a model's
+        answers never change, and walking every leaf and subleaf costs about 5 ms,
+        paid by each side cache of each process a shell loop execs."""
+        if self._cpuid_rows is None:
+            self._cpuid_rows = tuple(
+                (leaf, subleaf, leaf not in cpuid_model.SUBLEAF_LEAVES, regs)
+                for (leaf, subleaf), regs in sorted(self.cpu.table().items())
+                if not (subleaf and leaf not in cpuid_model.SUBLEAF_LEAVES))
+        return self._cpuid_rows
 
     def retire(self, space: AddressSpace, cache: SideCache, keep: int, remote) -> None:
         """A full cache: no new stubs go there, and the pages it serves are
