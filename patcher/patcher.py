@@ -83,6 +83,18 @@ def shifted(plan, delta: int):
                   tuple(map(move, plan.before)), tuple(map(move, plan.after)), plan.guard)
 
 
+def _anchored(space, base: int, anchors) -> bool:
+    """True when every guest address a stub template names (anchors: offset from
+    `base`, module, offset in it) lies where the template was made for: the same
+    module at the same offset."""
+    return all(space.modules.locate(base + target) == (path, offset) for target, path, offset in anchors)
+
+
+def _slot(target: int) -> int:
+    """Where `target` goes in the branch table: direct-mapped by its low bits."""
+    return 8 * (target % stubs.BRANCH_TABLE_SLOTS)
+
+
 def _patched_end(window) -> int:
     """Where the bytes a window's patch writes end: a guarded site keeps its own."""
     return window.site.address if window.guard else window.end
@@ -308,7 +320,7 @@ class Patcher:
         another. None, with nothing written, when it does not fit this time."""
         entries, anchors, size = image
         base = binding.start
-        if not all(space.modules.locate(base + target) == (path, offset) for target, path, offset in anchors):
+        if not _anchored(space, base, anchors):
             return None
         t0 = time.perf_counter()
         try:
@@ -439,7 +451,7 @@ class Patcher:
         template = self._templates.get(key)
         if template is not None:
             stub, anchors = template
-            if all(space.modules.locate(base + target) == (path, offset) for target, path, offset in anchors):
+            if _anchored(space, base, anchors):
                 stub = placed(stub, cache.next, base, cache.start)
                 if stub is not None:
                     return stub, template
@@ -537,8 +549,7 @@ class Patcher:
     def insert_branch_target(self, space: AddressSpace, target: int) -> None:
         """Let branch stubs go to `target` without a trap from now on."""
         if space.branch_table:
-            slot = space.branch_table + 8 * (target % stubs.BRANCH_TABLE_SLOTS)
-            space.mem.write(slot, target.to_bytes(8, "little"))
+            space.mem.write(space.branch_table + _slot(target), target.to_bytes(8, "little"))
 
     def insert_branch_targets(self, space: AddressSpace, targets) -> None:
         """insert_branch_target for many: a cached library brings a thousand roots,
@@ -549,7 +560,7 @@ class Patcher:
             return
         table = bytearray(space.mem.read(space.branch_table, BRANCH_TABLE_SIZE))
         for target in targets:
-            slot = 8 * (target % stubs.BRANCH_TABLE_SLOTS)
+            slot = _slot(target)
             table[slot:slot + 8] = target.to_bytes(8, "little")
         space.mem.write(space.branch_table, bytes(table))
 
