@@ -10,9 +10,13 @@ instruction behaves the same there unless it depends on its own address, which i
   before its instructions are relocated. A target beyond rel32 reach of the stub is
   refused (`NotRelocatable`); the caller then picks another tactic, so the side cache
   must sit within reach of the data a module's displaced code uses.
-- a relative branch (`jmp`/`jcc`/`call` rel, `loop*`, `j*cxz`, `xbegin`): refused.
-  Retargeting it changes its length and its meaning (it leaves the stub), which is
-  the stub generator's business, not an instruction-for-instruction rewrite.
+- a conditional jump (`jcc` rel8 or rel32, no prefix): re-encoded as `jcc rel32` to
+  the same target, so a taken branch leaves the stub for the guest code it names and
+  a branch not taken goes on in the stub. Its length may grow (2 bytes to 6); stubs
+  are laid out as their instructions are relocated, so nothing depends on it.
+- any other relative branch (`jmp`/`call` rel, `loop*`, `j*cxz`, `xbegin`, a jcc with a
+  prefix): refused. Retargeting a `jmp` or a `call` is the stub generator's business
+  (it leaves the stub for good, or pushes an address), not an instruction rewrite.
 - an instruction that hands its address on: every `call` pushes it, `syscall` leaves
   it in `rcx`, `int`/`int3`/`into`/`int1`/`sysenter` give it to the kernel and to
   signal handlers. Refused: the stub emulates them with the original address.
@@ -164,6 +168,15 @@ def relocate(code: bytes, old: int, new: int, fields: list | None = None) -> byt
     from the instruction's end, past any immediate that follows it.
     """
     code = bytes(code)
+    jump = _conditional_jump(code, old)
+    if jump is not None:
+        condition, target = jump
+        disp = _signed(target - (new + 6), 32)
+        if disp is None:
+            raise NotRelocatable(f"{code.hex()}: {target:#x} is out of rel32 reach of {new:#x}")
+        if fields is not None:
+            fields.append((2, target, MASK64, 0))
+        return bytes((0x0F, 0x80 | condition)) + struct.pack("<i", disp)
     size, refusal, offset, mask = _decode(code, old)
     if refusal:
         raise NotRelocatable(f"{code.hex()}: {refusal}")
@@ -176,6 +189,16 @@ def relocate(code: bytes, old: int, new: int, fields: list | None = None) -> byt
     if fields is not None:
         fields.append((offset, target, mask, size - offset - 4))
     return b"".join((code[:offset], struct.pack("<i", disp), code[offset + 4:]))
+
+
+def _conditional_jump(code: bytes, address: int) -> tuple[int, int] | None:
+    """(condition code, target) of a prefix-free `jcc rel8` or `jcc rel32` at
+    `address`, or None for anything else."""
+    if len(code) == 2 and 0x70 <= code[0] <= 0x7F:
+        return code[0] & 0xF, (address + 2 + int.from_bytes(code[1:], "little", signed=True)) & MASK64
+    if len(code) == 6 and code[0] == 0x0F and 0x80 <= code[1] <= 0x8F:
+        return code[1] & 0xF, (address + 6 + _disp32(code, 2)) & MASK64
+    return None
 
 
 def rip_relative(code: bytes, address: int) -> int | None:

@@ -310,7 +310,10 @@ class _Planner:
     def _obstacle(self, insn: Insn, forward: bool) -> str | None:
         """Why `insn` cannot be displaced, or None.
 
-        A branch or terminator before the site ends the block before it: the site
+        A conditional jump before the site moves: the stub runs it as `jcc rel32` to
+        the same target (leaving the stub when taken), and the site is its
+        fall-through, which no one else reaches unless it is a known target. Any other
+        branch or terminator before the site ends the block before it: the site
         starts its block, so that is the block's edge, not a relocation problem. After
         the site a direct branch does belong to the block, but moving it would need
         retargeting, which stubs do not do. rip-relative operands are fixed up by the
@@ -322,6 +325,8 @@ class _Planner:
         if name in _ENDBR:
             return ENDBR
         if direct_target(insn.mnemonic, insn.op_str) is not None:
+            if not forward and is_conditional_jump(insn):
+                return None
             return RELATIVE_BRANCH if forward else BLOCK_TOO_SHORT
         if is_terminator(insn.mnemonic, insn.op_str) or name in _TRAPS:
             return BLOCK_TOO_SHORT
@@ -355,6 +360,13 @@ class _Planner:
         if end not in self.starts and end != self.end and not is_terminator(last.mnemonic, last.op_str):
             return END_NOT_BOUNDARY
         return None
+
+
+def is_conditional_jump(insn: Insn) -> bool:
+    """A prefix-free `jcc` rel8 or rel32 (patcher.relocate re-encodes exactly these)."""
+    name = insn.mnemonic
+    return (name.startswith("j") and name not in ("jmp", "jrcxz", "jecxz", "jcxz")
+            and insn.size in (2, 6))
 
 
 def _guardable(site: Insn, kind: str) -> bool:

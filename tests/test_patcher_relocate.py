@@ -276,8 +276,7 @@ def test_absolute_and_segment_operands_are_copied(hexcode, source):
 
 REFUSED = [
     ("ebfe", "relative branch"), ("e900100000", "relative branch"), ("e800100000", "pushes"),
-    *((f"{0x70 + cc:02x}10", "relative branch") for cc in range(16)),
-    *((f"0f{0x80 + cc:02x}00100000", "relative branch") for cc in range(16)),
+    ("2e7410", "relative branch"), ("3e0f8400100000", "relative branch"),   # prefixed jcc
     ("e0fe", "relative branch"), ("e1fe", "relative branch"), ("e2fe", "relative branch"),
     ("e3fe", "relative branch"), ("67e3fe", "relative branch"), ("c7f800100000", "relative branch"),
     ("f2e900100000", "relative branch"), ("f2e800100000", "pushes"),
@@ -293,6 +292,27 @@ def test_what_depends_on_its_address_otherwise_is_refused(hexcode, reason):
     with pytest.raises(NotRelocatable, match=reason) as refused:
         relocate(bytes.fromhex(hexcode), 0x401000, 0x402000)
     assert isinstance(refused.value, ValueError)
+
+
+@pytest.mark.parametrize("cc", range(16))
+@pytest.mark.parametrize("new", [0x402000, 0x400010, 0x7FFF_0000])
+def test_a_conditional_jump_keeps_its_condition_and_target(cc, new):
+    """rel8 and rel32 forms alike become `jcc rel32` naming the same target, the
+    rel32 noted as a guest field."""
+    for code in (bytes((0x70 + cc, 0x10)), bytes((0x0F, 0x80 + cc)) + (-0x20).to_bytes(4, "little", signed=True)):
+        target = 0x401000 + len(code) + int.from_bytes(code[-1:] if len(code) == 2 else code[2:], "little",
+                                                        signed=True)
+        fields = []
+        moved = relocate(code, 0x401000, new, fields)
+        assert moved[:2] == bytes((0x0F, 0x80 + cc)) and len(moved) == 6
+        assert new + 6 + int.from_bytes(moved[2:], "little", signed=True) == target
+        assert fields == [(2, target, (1 << 64) - 1, 0)]
+        assert text(moved, new).split()[0] == text(code, 0x401000).split()[0]
+
+
+def test_a_conditional_jump_out_of_reach_is_refused():
+    with pytest.raises(NotRelocatable, match="reach"):
+        relocate(bytes.fromhex("7410"), 0x401000, 0x7F00_0000_0000)
 
 
 def test_a_call_through_a_rip_relative_operand_is_refused_but_its_operand_is_known():
@@ -367,6 +387,12 @@ def test_decoding_agrees_with_capstone_public_detail(data, address):
         in_reach = target is None or insn.addr_size == 4 or -(1 << 31) <= delta < 1 << 31
         assert refused or not in_reach, f"{code.hex()} ({insn.mnemonic} {insn.op_str}) refused"
     else:
+        if insn.mnemonic.startswith("j") and x86.X86_GRP_BRANCH_RELATIVE in insn.groups:
+            # a conditional jump, re-encoded: the same condition and target
+            (again,) = _CS.disasm(moved, new, 1)
+            assert (again.mnemonic, operand_target(again) or int(again.op_str, 0)) == (
+                insn.mnemonic, int(insn.op_str, 0))
+            return
         assert not refused, f"{code.hex()} ({insn.mnemonic} {insn.op_str}) relocated"
         assert rip_relative(moved, new) == target
 

@@ -98,11 +98,14 @@ def forward_allowed(site: Insn, kind: str) -> bool:
             and not is_terminator(site.mnemonic, site.op_str))
 
 
-def movable(insn: Insn, site_addresses) -> bool:
+def movable(insn: Insn, site_addresses, before: bool = False) -> bool:
+    """May `insn` be displaced (before the site: a prefix-free jcc may)."""
     name = insn.mnemonic.rpartition(" ")[2]
+    jcc = (before and name.startswith("j") and name not in ("jmp", "jrcxz", "jecxz", "jcxz")
+           and insn.size in (2, 6))
     return not (insn.address in site_addresses or classify(insn.mnemonic, insn.op_str)
                 or name in ("endbr64", "endbr32", "int1", "into")
-                or direct_target(insn.mnemonic, insn.op_str) is not None
+                or (direct_target(insn.mnemonic, insn.op_str) is not None and not jcc)
                 or is_terminator(insn.mnemonic, insn.op_str))
 
 
@@ -154,7 +157,8 @@ def check_plans(code, base, end, starts, sites, targets, kinds, plans):
         assert window.start >= last_end, "windows overlap"
         last_end = window.end
         assert window_flaws(code, base, end, starts, site_addresses, targets, chain) == []
-        assert all(movable(insn, site_addresses) for insn in window.before + window.after)
+        assert all(movable(insn, site_addresses, before=True) for insn in window.before)
+        assert all(movable(insn, site_addresses) for insn in window.after)
         if window.site.size >= JMP5:
             assert window.before == window.after == ()
         if not forward_allowed(window.site, window.kind):
@@ -298,7 +302,7 @@ def test_return_address_is_a_target():
 
 
 def test_block_too_short():
-    page = Page(asm("jne L; syscall; ret; L: ret"))
+    page = Page(asm("jrcxz L; syscall; ret; L: ret"))
     assert only(page, "syscall").reason == BLOCK_TOO_SHORT
 
 
@@ -312,7 +316,21 @@ def test_relative_branch_after_the_site_does_not_move(encoding, mnemonic):
     assert only(page, "syscall").reason == RELATIVE_BRANCH
 
 
-@pytest.mark.parametrize("encoding, mnemonic", [("7503", "jne"), ("e303", "jrcxz"), ("e203", "loop")])
+@pytest.mark.parametrize("encoding", ["7503", "0f8503000000"])
+def test_a_conditional_jump_before_the_site_moves_with_it(encoding):
+    # It branches over the syscall and its ret, to a second ret: outside the window.
+    page = Page(bytes.fromhex("90") + hand(encoding, "jne") + bytes.fromhex("0f05c3c3"))
+    window = only(page, "syscall")
+    assert isinstance(window, Window) and [i.mnemonic for i in window.before][-1] == "jne"
+
+
+def test_a_conditional_jump_into_the_window_does_not_move():
+    # jne to itself: a target inside the window.
+    page = Page(bytes.fromhex("90" "75fe" "0f05" "c3"))
+    assert only(page, "syscall").reason == TARGET_INSIDE
+
+
+@pytest.mark.parametrize("encoding, mnemonic", [("e303", "jrcxz"), ("e203", "loop")])
 def test_relative_branch_before_the_site_starts_its_block(encoding, mnemonic):
     # Each branches over the syscall and its ret, to a second ret.
     page = Page(bytes.fromhex("90") + hand(encoding, mnemonic) + bytes.fromhex("0f05c3c3"))
@@ -406,7 +424,7 @@ def test_neighbour_in_the_page_before():
 def test_neighbour_the_scan_did_not_decode():
     before = Page(asm("mov eax, 0x27; syscall; ret"), drop={BASE})
     assert only(before, "syscall").reason == UNDECODED
-    after = Page(asm("jne L; syscall; mov rdx, rax; L: ret"), drop={BASE + 4})
+    after = Page(asm("jrcxz L; syscall; mov rdx, rax; L: ret"), drop={BASE + 4})
     assert only(after, "syscall").reason == UNDECODED
 
 
@@ -584,7 +602,7 @@ def reference_window(code, end, starts, sites, targets, kinds, site, kind, floor
             chain = tiling(code, starts, start, site.end)
             if chain is None or chain[-1] != site:
                 continue
-            if not all(movable(insn, site_addresses) for insn in chain[:-1]):
+            if not all(movable(insn, site_addresses, before=True) for insn in chain[:-1]):
                 continue
             if window_flaws(code, BASE, end, starts, site_addresses, targets, chain):
                 continue
@@ -602,7 +620,8 @@ def reference_window(code, end, starts, sites, targets, kinds, site, kind, floor
             if chain is None or site not in chain:
                 continue
             before, after = chain[:chain.index(site)], chain[chain.index(site) + 1:]
-            if not all(movable(insn, site_addresses) for insn in before + after):
+            if not (all(movable(insn, site_addresses, before=True) for insn in before)
+                    and all(movable(insn, site_addresses) for insn in after)):
                 continue
             if window_flaws(code, BASE, end, starts, site_addresses, targets, chain):
                 continue
