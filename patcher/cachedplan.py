@@ -5,7 +5,8 @@ Planning a page's windows decodes the neighbours of every site again (thousands 
 capstone calls for a process's libc), yet a plan is a function of the page's bytes
 and of what its scans knew, which is exactly what a cache entry is keyed by and
 holds. So each site's record keeps the plan it was planted from: its window (start,
-end, the displaced instructions before and after it, whether the site is guarded) or the reason it stays a trap.
+end, the displaced instructions before and after it, whether the site is guarded)
+or the reason it stays a trap.
 
 Only plans that are such a function are kept: a trap because of the mode, the
 policy, a thread standing nearby or a side cache that could not be had is not, and a
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from sbe.patcher.emit import Stub
 from sbe.scanner.decode import Insn
-from sbe.scanner.window import REASONS, Fallback, Window
+from sbe.scanner.window import JMP5, REASONS, Fallback, Window, guardable
 
 
 def keepable(plan, avoid) -> object:
@@ -58,7 +59,8 @@ def from_record(record, base: int) -> list | None:
         if kept is None:
             return None
         start, end, before, after, guard = kept
-        if guard and (after or kind != "branch"):
+        # A guard's jump and padding must fit before the site, whose bytes it keeps.
+        if guard and (after or not guardable(site, kind) or offset - start < JMP5):
             return None
         insns = (*before, (offset, size, mnemonic, op_str), *after)
         at = start

@@ -95,9 +95,11 @@ def _slot(target: int) -> int:
     return 8 * (target % stubs.BRANCH_TABLE_SLOTS)
 
 
-def _patched_end(window) -> int:
-    """Where the bytes a window's patch writes end: a guarded site keeps its own."""
-    return window.site.address if window.guard else window.end
+def _window_bytes(start: int, end: int, site: int, guard: bool, stub: int) -> bytes:
+    """What a window [start, end) gets: the jump to its stub, then int3 padding up
+    to the window's end, or to the site when the site is guarded (it keeps its own
+    bytes)."""
+    return stubs.jmp5(start, stub) + INT3 * ((site if guard else end) - start - 5)
 
 
 def _near(avoid: frozenset, page: int) -> frozenset:
@@ -345,8 +347,8 @@ class Patcher:
                     return None
                 blob.append(stub.code)
                 start, end = base + plan[0], base + plan[1]
-                pad_end = address if plan[4] else end     # a guarded site keeps its bytes
-                patched[start - page:pad_end - page] = stubs.jmp5(start, at + offset) + INT3 * (pad_end - start - 5)
+                written = _window_bytes(start, end, address, plan[4], at + offset)
+                patched[start - page:start - page + len(written)] = written
                 site.patch = Patch(start, end, code[start - page:end - page], at + offset, len(stub.code),
                                    trap=at + offset + stub.trap if stub.trap is not None else 0,
                                    resume=at + offset + stub.resume if stub.resume is not None else 0,
@@ -431,7 +433,7 @@ class Patcher:
             trap=at + stub.trap if stub.trap is not None else 0,
             resume=at + stub.resume if stub.resume is not None else 0,
             displaced=tuple((at + off, orig) for off, orig in stub.displaced), guarded=window.guard)
-        space.mem.write(window.start, stubs.jmp5(window.start, at) + INT3 * (_patched_end(window) - window.start - 5))
+        space.mem.write(window.start, _window_bytes(window.start, window.end, window.site.address, window.guard, at))
         space.sites.add(site)
         self.costs.stub_seconds += time.perf_counter() - t0
 

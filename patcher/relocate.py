@@ -45,7 +45,7 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone import x86_const as x86
 
 from sbe.scanner.sensitive import DIRECT_BRANCHES
-from sbe.scanner.x86 import MASK64, MAX_INSN, NEAR_CALL, NEAR_JMP
+from sbe.scanner.x86 import MASK64, MAX_INSN, NEAR_CALL, NEAR_JMP, conditional_jump
 
 _MASK32 = (1 << 32) - 1
 
@@ -168,7 +168,7 @@ def relocate(code: bytes, old: int, new: int, fields: list | None = None) -> byt
     from the instruction's end, past any immediate that follows it.
     """
     code = bytes(code)
-    jump = _conditional_jump(code, old)
+    jump = conditional_jump(code, old)
     if jump is not None:
         condition, target = jump
         disp = _signed(target - (new + 6), 32)
@@ -189,16 +189,6 @@ def relocate(code: bytes, old: int, new: int, fields: list | None = None) -> byt
     if fields is not None:
         fields.append((offset, target, mask, size - offset - 4))
     return b"".join((code[:offset], struct.pack("<i", disp), code[offset + 4:]))
-
-
-def _conditional_jump(code: bytes, address: int) -> tuple[int, int] | None:
-    """(condition code, target) of a prefix-free `jcc rel8` or `jcc rel32` at
-    `address`, or None for anything else."""
-    if len(code) == 2 and 0x70 <= code[0] <= 0x7F:
-        return code[0] & 0xF, (address + 2 + int.from_bytes(code[1:], "little", signed=True)) & MASK64
-    if len(code) == 6 and code[0] == 0x0F and 0x80 <= code[1] <= 0x8F:
-        return code[1] & 0xF, (address + 6 + _disp32(code, 2)) & MASK64
-    return None
 
 
 def rip_relative(code: bytes, address: int) -> int | None:

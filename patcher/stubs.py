@@ -79,8 +79,8 @@ def branch_parts(is_call: bool, scratch: str) -> tuple[Body, Body]:
     a `ret` no `call` matched misses the return-stack predictor every time: 4.5 s
     instead of 5.1 s for the branchy bench guest once it left.) A signal between the
     `lea` and the `jmp` is harmless: walk_out steps a thread out of a stub before a
-    frame is built. A miss restores everything and traps. `scratch` is r10 or r11, the two the
-    templates are generated for."""
+    frame is built. A miss restores everything and traps. `scratch` is r10 or r11,
+    the two the templates are generated for."""
     return _BRANCH_HEADS[scratch], _BRANCH_TAILS[is_call, scratch]
 
 

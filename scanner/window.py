@@ -36,7 +36,7 @@ from itertools import accumulate
 
 from .decode import Insn, decode_from
 from .sensitive import classify, direct_target, is_terminator
-from .x86 import MAX_INSN
+from .x86 import MAX_INSN, conditional_jump
 
 JMP5 = 5        # bytes of `jmp rel32`, the least a window holds
 _CHUNK = 256    # bytes handed to capstone at a time when decoding runs of starts
@@ -186,6 +186,10 @@ class _Planner:
         self._at: dict[int, Insn | None] = {}
         self.floor = base   # the end of the last window planned: later ones start there or after
 
+    def bytes_of(self, insn: Insn) -> bytes:
+        offset = insn.address - self.base
+        return self.code[offset:offset + insn.size]
+
     def at(self, address: int) -> Insn | None:
         if address not in self._at:
             offset = address - self.base
@@ -211,7 +215,7 @@ class _Planner:
                 return self._accept(site, kind, (), ())
             return self._reject(site, kind, "site", [flaw])
 
-        if _guardable(site, kind):
+        if guardable(site, kind):
             before, stop = self._backward(site, JMP5)
             count = _reach(before[::-1], JMP5)
             if stop is None and count is not None:
@@ -325,7 +329,7 @@ class _Planner:
         if name in _ENDBR:
             return ENDBR
         if direct_target(insn.mnemonic, insn.op_str) is not None:
-            if not forward and is_conditional_jump(insn):
+            if not forward and conditional_jump(self.bytes_of(insn), insn.address) is not None:
                 return None
             return RELATIVE_BRANCH if forward else BLOCK_TOO_SHORT
         if is_terminator(insn.mnemonic, insn.op_str) or name in _TRAPS:
@@ -362,14 +366,7 @@ class _Planner:
         return None
 
 
-def is_conditional_jump(insn: Insn) -> bool:
-    """A prefix-free `jcc` rel8 or rel32 (patcher.relocate re-encodes exactly these)."""
-    name = insn.mnemonic
-    return (name.startswith("j") and name not in ("jmp", "jrcxz", "jecxz", "jcxz")
-            and insn.size in (2, 6))
-
-
-def _guardable(site: Insn, kind: str) -> bool:
+def guardable(site: Insn, kind: str) -> bool:
     """An indirect jmp/call through a register other than rsp: its stub can check
     the target and let the site itself run, since nothing can change the register
     between the check and the branch. A `call` that runs natively pushes its return

@@ -84,3 +84,26 @@ def test_only_plans_of_the_bytes_and_the_scan_are_kept():
     assert cachedplan.keepable(Fallback(window.site, window.kind, "basic block too short"), frozenset({1})) is None
     assert cachedplan.keepable(Fallback(window.site, window.kind, "emulate mode"), frozenset()) is None
     assert cachedplan.keepable(Fallback(window.site, window.kind, "found after its page ran"), frozenset()) is None
+
+
+def test_a_kept_guard_must_leave_the_site_its_bytes():
+    """A guard keeps the site's own bytes: a record whose guard has less than the
+    jump's five bytes before the site, or guards a memory operand, is refused."""
+    # mov rdi, rbx; mov rax, [rdi + 8]; call rax; ret
+    code = bytes.fromhex("4889df" "488b4708" "ffd0" "c3").ljust(4096 + 15, b"\xcc")
+    scan = scan_page(code, PAGE, {PAGE})
+    targets = scan.targets | {PAGE}
+    plans = plan_windows(code, PAGE, PAGE + 4096, scan.starts, scan.sites, targets)
+    guard = next(p for p in plans if isinstance(p, Window) and p.guard)
+    offset = guard.site.address - PAGE
+    sites = {p.site.address - PAGE: (p.site.size, p.kind, p.site.mnemonic, p.site.op_str,
+                                     cachedplan.to_record(p, PAGE), None) for p in plans}
+    record = PageRecord({s - PAGE for s in scan.starts}, {0}, {t - PAGE for t in targets}, sites, {})
+    assert cachedplan.from_record(record, PAGE) is not None
+    start, end, before, after, _ = sites[offset][4]
+    short = (start + 3, end, before[1:], after, True)     # only `mov rax, [rdi + 8]` before
+    assert cachedplan.from_record(_with(record, offset, short), PAGE) is None
+    memory = dict(sites)
+    memory[offset] = (sites[offset][0], "branch", "call", "qword ptr [rax]", sites[offset][4], None)
+    assert cachedplan.from_record(PageRecord(record.starts, record.roots, record.targets, memory,
+                                             record.exits), PAGE) is None
