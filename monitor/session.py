@@ -49,6 +49,17 @@ SEGV_ACCERR = 2
 TRAP_FLAG = 0x100
 CLONE_VM = 0x100
 CLONE_THREAD = 0x10000
+# What a syscall the kernel will restart returns meanwhile (ERESTARTSYS,
+# ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK), and -ENOSYS: a thread at a
+# syscall's entry stop, whose syscall has yet to run and may be interrupted.
+RESTARTING = frozenset((-512, -513, -514, -516, -errno.ENOSYS))
+
+
+def _may_restart(regs) -> bool:
+    """True when the stopped thread's syscall may run again from rip - 2: it is in
+    one (orig_rax) that has not finished. A thread at its exec stop, or at the end
+    of its syscall, will not go back to the instruction."""
+    return regs.orig_rax & MASK64 != MASK64 and (regs.rax - (1 << 64) if regs.rax >> 63 else regs.rax) in RESTARTING
 
 
 class Resume(NamedTuple):
@@ -394,10 +405,13 @@ class Session:
                 if t.gadget is not None:
                     rips.update((t.gadget.restart, t.gadget.resume))
                 try:
-                    rip = pt.getregs(t.tid).rip
+                    regs = pt.getregs(t.tid)
                 except pt.PtraceError:
                     continue   # running: it is not inside a page being planted
-                rips.update((rip, rip - 2))
+                rip = regs.rip
+                rips.add(rip)
+                if _may_restart(regs):
+                    rips.add(rip - 2)
         return frozenset(rips)
 
     def request_switch(self) -> None:

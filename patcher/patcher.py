@@ -102,9 +102,13 @@ def _window_bytes(start: int, end: int, site: int, guard: bool, stub: int) -> by
     return stubs.jmp5(start, stub) + INT3 * ((site if guard else end) - start - 5)
 
 
-def _near(avoid: frozenset, page: int) -> frozenset:
-    """The addresses of `avoid` a window in `page` could hold."""
-    return frozenset(a for a in avoid if page - MAX_WINDOW <= a < page + PAGE + MAX_WINDOW)
+def _near(avoid: frozenset, page: int, state) -> frozenset:
+    """The addresses of `avoid` that could change a window in `page`: inside it
+    (windows never cross a page's bounds) and not already known targets there, which
+    planning keeps windows off anyway. So a thread standing at a known root (a warm
+    run's first thread at the program's entry) leaves the page's plans keepable."""
+    return frozenset(a for a in avoid if page <= a < page + PAGE
+                     and a not in state.targets and a not in state.roots)
 
 
 class Patcher:
@@ -176,7 +180,7 @@ class Patcher:
         space.learned(page)
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
         plans = self._plans(space, code, page, state, found, avoid, fresh or exclusive)
-        near, binding = _near(avoid, page), space.binding_of(page)
+        near, binding = _near(avoid, page, state), space.binding_of(page)
         return [self.plant(space, plan, code, page, remote, near, binding) for plan in plans], result.outside
 
     @staticmethod
@@ -213,7 +217,7 @@ class Patcher:
             state.learn({base + r for r in record.roots}, {base + s for s in record.starts},
                         {base + t for t in record.targets}, {base + x for x in record.exits})
             code = space.original(page, PAGE + MAX_INSN)
-            near = _near(avoid, page)
+            near = _near(avoid, page, state)
             planted += self._cached_page(space, binding, offset, record, code, page, state, near, remote)
             pages.append(page)
         self.insert_branch_targets(space, [root for page in pages
@@ -256,6 +260,12 @@ class Patcher:
             if other is None:
                 continue
             if other.scanned:
+                if out not in other.roots:
+                    # Control arrives there: a root, so no later plan of the page
+                    # (a warm run's, planned before this page's exits are known)
+                    # puts a window over it.
+                    other.arrived(out)
+                    space.learned(out)
                 if out not in other.starts or space.window_around(out) is not None:
                     more.append(out)
             else:
@@ -635,7 +645,7 @@ class Patcher:
             else:
                 plans = [Fallback(i, k, "emulate mode") for i, k in found]
             hits = {s.address: s.hits for s in old}
-            near, binding = _near(avoid, page), space.binding_of(page)
+            near, binding = _near(avoid, page, state), space.binding_of(page)
             for plan in plans:
                 self.plant(space, plan, code, page, remote, near, binding).hits = hits.get(plan.site.address, 0)
         if space.branch_table:

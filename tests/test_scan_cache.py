@@ -218,3 +218,23 @@ def test_pages_only_other_programs_ran_wait_for_their_first_fetch(guests, tmp_pa
     # what the warm run plants is what it runs, not all the other program ran
     with_other = sbe_run(argv, tmp_path / "fresh", tmp_path, mode)[1]
     assert warm["pages_cached"] <= with_other["pages_scanned"] + 2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("argv", [["libc_dynamic"], ["/bin/true"]])
+def test_a_run_that_learns_nothing_writes_nothing(guests, tmp_path, argv):
+    """Once the runs of a program have learned what it executes, its next run
+    stores nothing: a warm start that rewrote libc's entry paid tens of
+    milliseconds for it. (A page planned with a thread standing in it, or a
+    window over a jump target a later page revealed, used to be learned again by
+    every run.)"""
+    cache = tmp_path / "cache"
+    argv = [str(guests / argv[0]) if "/" not in argv[0] else argv[0]]
+    native = run_cmd(argv)
+    for _ in range(2):
+        sbe_run(argv, cache, tmp_path)
+    before = {name: (cache / name).read_bytes() for name in entries(cache)}
+    run, stats, _ = sbe_run(argv, cache, tmp_path)
+    assert (run.stdout, run.status) == (native.stdout, native.status)
+    assert stats["pages_scanned"] == 0
+    assert {name: (cache / name).read_bytes() for name in entries(cache)} == before
