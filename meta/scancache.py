@@ -33,7 +33,7 @@ from sbe.meta.files import replace_atomically
 
 log = logging.getLogger(__name__)
 
-VERSION = 5
+VERSION = 6
 LIMIT = 256 << 20          # bytes of entries kept; least recently used go first
 USERS = 16                 # programs a page remembers as having executed it
 # The format's version, and the Python whose marshal format the payload is in.

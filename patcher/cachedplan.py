@@ -81,11 +81,10 @@ def from_record(record, base: int) -> list | None:
 
 
 def template_to_record(template):
-    """A stub template (patcher's (detached Stub, anchors)) as the cache keeps it."""
+    """A stub template (a detached Stub) as the cache keeps it."""
     if template is None:
         return None
-    stub, anchors = template
-    return (stub.code.hex(), stub.trap, stub.resume, stub.displaced, stub.fields, anchors)
+    return (template.code.hex(), template.trap, template.resume, template.displaced, template.fields)
 
 
 def templates_of(record) -> list:
@@ -94,7 +93,7 @@ def templates_of(record) -> list:
     found = []
     for offset, (_, _, _, _, kept, doc) in record.sites.items():
         if isinstance(kept, tuple) and doc is not None:
-            code, trap, resume, displaced, fields, anchors = doc
+            code, trap, resume, displaced, fields = doc
             found.append(((offset, kept[0], kept[1], kept[4]),
-                          (Stub(bytes.fromhex(code), trap, resume, displaced, fields), anchors)))
+                          Stub(bytes.fromhex(code), trap, resume, displaced, fields)))
     return found

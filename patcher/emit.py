@@ -14,7 +14,6 @@ import struct
 from dataclasses import dataclass
 
 from sbe.patcher import stubs
-from sbe.patcher.relocate import ScratchInUse, load_operand, relocate
 from sbe.scanner.x86 import MASK64
 
 
@@ -40,7 +39,7 @@ _REL32 = struct.Struct("<i")
 _CACHE_FIELDS = frozenset({"gadget_slot", "cpuid_table", "branch_table"})
 
 
-def _relocated(insns, original, window_start: int, at: int, placed: list, fields: list,
+def _relocated(relocate, insns, original, window_start: int, at: int, placed: list, fields: list,
                stub_at: int) -> bytes:
     out = b""
     for insn in insns:
@@ -68,10 +67,13 @@ def _filled(body, here: int, values: dict, fields: list, stub_at: int) -> bytes:
 def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -> Stub:
     """The stub for `site_insn` (its window's original bytes `window_bytes`) placed at
     `at` in `cache`."""
+    # Here, not at import: relocation decodes with capstone, whose binding costs 50
+    # ms to load, and a warm run places the stubs the scan cache kept instead.
+    from sbe.patcher.relocate import ScratchInUse, load_operand, relocate
     try:
         placed: list = []
         fields: list = []
-        code = _relocated(window.before, window_bytes, window.start, at, placed, fields, at)
+        code = _relocated(relocate, window.before, window_bytes, window.start, at, placed, fields, at)
         site_raw = window_bytes[site_insn.address - window.start:site_insn.address - window.start + site_insn.size]
         here = at + len(code)
         trap = resume = None
@@ -110,7 +112,7 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
             return Stub(code, trap, None, _offsets(placed, at), tuple(fields))
         else:
             raise EmitError(f"no stub for kind {kind}")
-        code += _relocated(window.after, window_bytes, window.start, at + len(code), placed, fields, at)
+        code += _relocated(relocate, window.after, window_bytes, window.start, at + len(code), placed, fields, at)
         fields.append((len(code) + 1, window.end, "guest", 0))
         code += stubs.jmp5(at + len(code), window.end)
         return Stub(code, trap, resume, _offsets(placed, at), tuple(fields))

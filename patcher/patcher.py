@@ -83,13 +83,6 @@ def shifted(plan, delta: int):
                   tuple(map(move, plan.before)), tuple(map(move, plan.after)), plan.guard)
 
 
-def _anchored(space, base: int, anchors) -> bool:
-    """True when every guest address a stub template names (anchors: offset from
-    `base`, module, offset in it) lies where the template was made for: the same
-    module at the same offset."""
-    return all(space.modules.locate(base + target) == (path, offset) for target, path, offset in anchors)
-
-
 def _slot(target: int) -> int:
     """Where `target` goes in the branch table: direct-mapped by its low bits."""
     return 8 * (target % stubs.BRANCH_TABLE_SLOTS)
@@ -313,7 +306,7 @@ class Patcher:
         stub's template at its offset in one blob, and every guest address the
         stubs name (which must have moved with the mapping wherever it goes). None
         when a site is not as its kept plan says (a policy, a cache that was full)."""
-        base, entries, anchors, size = binding.start, [], set(), 0
+        base, entries, size = binding.start, [], 0
         for site in sites:
             common = (site.address - base, site.size, site.kind, site.mnemonic, site.op_str, site.original,
                       site.plan)
@@ -321,19 +314,16 @@ class Patcher:
                 entries.append((common, site.reason, None, 0))
             elif isinstance(site.plan, tuple) and site.patch is not None and site.template is not None:
                 entries.append((common, None, site.template, size))
-                anchors.update(site.template[1])
-                size += len(site.template[0].code)
+                size += len(site.template.code)
             else:
                 return None
-        return entries, frozenset(anchors), size
+        return entries, size
 
     def _place_image(self, space, binding, page: int, code: bytes, image, remote) -> list[Site] | None:
         """The page's image planted: its stubs in one write, its windows and traps in
         another. None, with nothing written, when it does not fit this time."""
-        entries, anchors, size = image
+        entries, size = image
         base = binding.start
-        if not _anchored(space, base, anchors):
-            return None
         t0 = time.perf_counter()
         try:
             cache = self.cache_for(space, page, page + PAGE, remote)
@@ -352,7 +342,7 @@ class Patcher:
                 patched[address - page] = INT3[0]
                 self.costs.fallbacks[reason] += 1
             else:
-                stub = placed(template[0], at + offset, base, cache.start)
+                stub = placed(template, at + offset, base, cache.start)
                 if stub is None:
                     return None
                 blob.append(stub.code)
@@ -452,9 +442,12 @@ class Patcher:
         detached from where it lies, for the scan cache) when its code is a bound
         mapping. A process tree maps the same code again and again (every exec of a
         shell loop) at other addresses, and a warm run maps what an earlier run did:
-        a template known for the window is placed rather than composed again, when
-        every guest address it names moved with the mapping (each still lies in the
-        same module at the same offset)."""
+        a template known for the window is placed rather than composed again. Its
+        guest addresses all move with the mapping: each is a rel32 target computed
+        from the mapping's own bytes (the key holds their digest), so it lies at the
+        same offset from the mapping's start wherever the mapping goes; the one form
+        whose target does not (the `eip`-relative one, which wraps at 32 bits) is
+        composed afresh (emit.placed)."""
         if binding is None:
             return compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
                            window, window_bytes, cache.next, cache), None
@@ -462,16 +455,12 @@ class Patcher:
         key = (binding.key, site.address - base, window.start - base, window.end - base, window.guard)
         template = self._templates.get(key)
         if template is not None:
-            stub, anchors = template
-            if _anchored(space, base, anchors):
-                stub = placed(stub, cache.next, base, cache.start)
-                if stub is not None:
-                    return stub, template
+            stub = placed(template, cache.next, base, cache.start)
+            if stub is not None:
+                return stub, template
         stub = compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
                        window, window_bytes, cache.next, cache)
-        anchors = tuple((target - base, *space.modules.locate(target))
-                        for _, target, kind, _ in stub.fields if kind == "guest")
-        template = self._templates[key] = (detached(stub, base, cache.start), anchors)
+        template = self._templates[key] = detached(stub, base, cache.start)
         return stub, template
 
     def known_templates(self, binding, templates) -> None:

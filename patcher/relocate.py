@@ -77,7 +77,8 @@ _INSN_POINTER = ctypes.POINTER(capstone._cs_insn)
 
 # Relative branches: the scanner's one table of direct branches, less the jmp and call
 # this module tells apart by their operand.
-_RELATIVE_BRANCHES = DIRECT_BRANCHES - {x86.X86_INS_JMP, x86.X86_INS_CALL}
+_RELATIVE_BRANCHES = frozenset(i for i in range(x86.X86_INS_ENDING)
+                               if _DISASSEMBLER.insn_name(i) in DIRECT_BRANCHES - {"jmp", "call"})
 _HANDS_ITS_ADDRESS_ON = {
     x86.X86_INS_CALL: "a call pushes its own address",
     x86.X86_INS_LCALL: "a call pushes its own address",

@@ -3,15 +3,15 @@
 `disasm_lite` with detail off is the fastest way through capstone: it skips building
 operand and group detail, which the scanner does not need, and a single call decodes
 a whole buffer in C, so the per-instruction cost is one tuple, not one foreign call.
+capstone is loaded at the first decode, not at import: its Python binding costs 50
+ms to import, and a warm run whose plans all come from the scan cache decodes
+nothing.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import NamedTuple
-
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
-
-_CS = Cs(CS_ARCH_X86, CS_MODE_64)
 
 
 class Insn(NamedTuple):
@@ -37,4 +37,10 @@ def decode_from(code: bytes, base: int, start: int) -> Iterator[Insn]:
     offset = start - base
     if not 0 <= offset < len(code):
         return
-    yield from map(Insn._make, _CS.disasm_lite(code[offset:], start))
+    yield from map(Insn._make, _disassembler().disasm_lite(code[offset:], start))
+
+
+@functools.cache
+def _disassembler():
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    return Cs(CS_ARCH_X86, CS_MODE_64)

@@ -342,6 +342,27 @@ int sbe_scan_init(void) {
     return scratch ? 0 : -1;
 }
 
+/* The names of capstone's instruction ids 0 .. X86_INS_ENDING - 1, each ended by a
+ * NUL, into `buf`: the per-id `info` table is made from the scanner's tables of
+ * names, with no capstone binding loaded in Python. Returns the bytes needed. */
+size_t sbe_insn_names(char *buf, size_t cap) {
+    size_t used = 0;
+    if (sbe_scan_init())
+        return 0;
+    for (unsigned id = 0; id < X86_INS_ENDING; id++) {
+        const char *name = cs_insn_name(handle, id);
+        size_t n = (name ? strlen(name) : 0) + 1;
+        if (used + n <= cap) {
+            if (name)
+                memcpy(buf + used, name, n);
+            else
+                buf[used] = 0;
+        }
+        used += n;
+    }
+    return used;
+}
+
 /* `known`: sorted. */
 int sbe_scan(const uint8_t *code, size_t len, uint64_t base, uint64_t end,
              const uint64_t *entries, size_t nentries, const uint64_t *known, size_t nknown,

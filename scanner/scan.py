@@ -13,8 +13,6 @@ from array import array
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 
-from capstone import x86_const as x86
-
 from . import region, sensitive
 from .decode import Insn
 from .region import RegionScan
@@ -24,18 +22,22 @@ try:
 except ImportError:   # not built: the reference scans, a few times slower
     ffi = lib = None
 
-# Per capstone id, what the C scan must know of an instruction; region.c's SBE_*.
+# Per capstone id (by its name), what the C scan must know of an instruction;
+# region.c's SBE_*.
 _TERMINATOR, _DIRECT, _CANDIDATE, _CALL, _LEA, _INT, _SYSREG = 1, 2, 4, 8, 16, 32, 64
 
 
 def _info() -> bytes:
-    table = bytearray(x86.X86_INS_ENDING)
-    for ids, bit in ((sensitive.TERMINATORS, _TERMINATOR), (sensitive.DIRECT_BRANCHES, _DIRECT),
-                     (sensitive.SENSITIVE, _CANDIDATE), ({x86.X86_INS_CALL, x86.X86_INS_LCALL}, _CALL),
-                     ({x86.X86_INS_LEA}, _LEA), ({x86.X86_INS_INT}, _INT), ({x86.X86_INS_MOV}, _SYSREG)):
-        for i in ids:
-            table[i] |= bit
-    return bytes(table)
+    bits: dict[str, int] = {}
+    for names, bit in ((sensitive.TERMINATORS, _TERMINATOR), (sensitive.DIRECT_BRANCHES, _DIRECT),
+                       (sensitive.SENSITIVE, _CANDIDATE), ({"call", "lcall"}, _CALL),
+                       ({"lea"}, _LEA), ({"int"}, _INT), ({"mov"}, _SYSREG)):
+        for name in names:
+            bits[name] = bits.get(name, 0) | bit
+    size = lib.sbe_insn_names(ffi.NULL, 0)
+    buffer = ffi.new("char[]", size)
+    lib.sbe_insn_names(buffer, size)
+    return bytes(bits.get(name.decode(), 0) for name in ffi.buffer(buffer, size)[:-1].split(b"\0"))
 
 
 _INFO = _info() if lib is not None else b""

@@ -191,11 +191,10 @@ def test_operand_is_decoded_once(monkeypatch):
     assert branch.branch_target(site, regs, memory) == TARGET
     assert "branch" in site.decoded
 
-    class NoDecoding:
-        def disasm(self, *args):
-            raise AssertionError("capstone decoded a site a second time")
+    def no_decoding(*args):
+        raise AssertionError("a site was decoded a second time")
 
-    monkeypatch.setattr(branch, "_DISASSEMBLER", NoDecoding())
+    monkeypatch.setattr(branch, "near_indirect", no_decoding)
     for _ in range(3):
         assert branch.branch_target(site, regs, memory) == TARGET
         assert branch.emulate(site, regs, memory).regs == {"rip": TARGET}
@@ -285,3 +284,76 @@ def test_random_operands_match_reference(operand, values, address):
         assert effect.writes == [(effect.regs["rsp"], site.end.to_bytes(8, "little"))]
     else:
         assert set(effect.regs) == {"rip"} and effect.writes == []
+
+
+# --- the byte decoder against capstone's detail, over any ModRM, SIB and prefixes --
+
+_DETAIL = Cs(CS_ARCH_X86, CS_MODE_64)
+_DETAIL.detail = True
+
+
+def _wide(name: str) -> str:
+    return name if name in GPRS or name == "rip" else ("r" + name[1:] if name.startswith("e") else name[:-1])
+
+
+def capstone_target(code: bytes, address: int, regs: dict, read):
+    """(is_call, target) as capstone's operand detail gives them: the reference."""
+    from capstone.x86 import X86_OP_REG
+    insn = next(_DETAIL.disasm(code, address, 1))
+    operand = insn.operands[0]
+    is_call = insn.modrm >> 3 & 7 == 2
+    if operand.type == X86_OP_REG:
+        return is_call, regs[_wide(insn.reg_name(operand.reg))]
+    mem = operand.mem
+    ea = mem.disp
+    if mem.base:
+        base = _wide(insn.reg_name(mem.base))
+        ea += address + insn.size if base == "rip" else regs[base]
+    if mem.index and insn.reg_name(mem.index) not in ("riz", "eiz"):
+        ea += regs[_wide(insn.reg_name(mem.index))] * mem.scale
+    ea &= 0xFFFF_FFFF if insn.addr_size == 4 else MASK64
+    if mem.segment:
+        ea += regs.get(insn.reg_name(mem.segment) + "_base", 0)
+    return is_call, int.from_bytes(read(ea & MASK64, 8), "little")
+
+
+@st.composite
+def indirect_encodings(draw):
+    prefixes = draw(st.lists(st.sampled_from([0x64, 0x65, 0x2E, 0x3E, 0x26, 0x36, 0x67, 0xF2, 0xF3, 0x66,
+                                              0xF0]), max_size=3))
+    rex = draw(st.sampled_from([None] + list(range(0x40, 0x50))))
+    modrm = draw(st.integers(0, 255)) & ~0x38 | draw(st.sampled_from([2, 4])) << 3
+    tail = draw(st.binary(min_size=0, max_size=6))
+    return bytes(prefixes) + (bytes([rex]) if rex is not None else b"") + bytes([0xFF, modrm]) + tail
+
+
+@settings(max_examples=3000, deadline=None)
+@given(code=indirect_encodings(), values=st.lists(u64, min_size=18, max_size=18),
+       address=st.integers(0x1000, 0x7FFF_FFFF_F000))
+def test_the_byte_decoder_agrees_with_capstone(code, values, address):
+    """Wherever near_indirect decodes an instruction, capstone reads the same one and
+    the same target; it declines only the forms it leaves to run natively."""
+    from sbe.scanner.x86 import near_indirect
+    insn = next(_DETAIL.disasm(code, address, 1), None)
+    if insn is not None:
+        code = code[:insn.size]
+    decoded = near_indirect(code, address)
+    if decoded is None:
+        assert insn is None or insn.opcode[0] != 0xFF or _left_to_the_cpu(code[:code.index(0xFF)]), code.hex()
+        return
+    assert insn is not None and insn.size == len(code), code.hex()
+    regs = dict(zip(GPRS + ["fs_base", "gs_base"], values)) | {"rip": address}
+    site = Site(address, len(code), "branch", insn.mnemonic, insn.op_str, code)
+    expected_call, expected = capstone_target(code, address, regs, scrambled_memory)
+    assert decoded[0] == expected_call
+    assert branch.branch_target(site, regs, scrambled_memory) == expected, (code.hex(), insn.op_str)
+
+
+def _left_to_the_cpu(prefixes: bytes) -> bool:
+    """Prefixes near_indirect declines: 0x66, lock and rep, one group twice, or a REX
+    that does not come last (the CPU ignores it there)."""
+    segments = sum(p in (0x64, 0x65, 0x2E, 0x3E, 0x26, 0x36) for p in prefixes)
+    legacy = [p for p in prefixes if not 0x40 <= p <= 0x4F]
+    misplaced_rex = any(0x40 <= p <= 0x4F for p in prefixes[:-1])
+    return (bool({0x66, 0xF0, 0xF3} & set(prefixes)) or segments > 1 or misplaced_rex
+            or len(legacy) != len(set(legacy)))

@@ -10,10 +10,15 @@ from capstone import x86_const as x
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sbe.scanner.sensitive import (DIRECT_BRANCHES, KIND_BY_MNEMONIC, SENSITIVE, TERMINATORS, classify,
-                               direct_target, is_terminator)
+from sbe.scanner.sensitive import (DIRECT_BRANCHES, SENSITIVE, TERMINATORS, classify, direct_target,
+                                   is_terminator)
 
 LITE = Cs(CS_ARCH_X86, CS_MODE_64)
+# The tables by instruction id: every id capstone names with a name they hold.
+NAMES = {i: LITE.insn_name(i) for i in range(1, x.X86_INS_ENDING)}
+SENSITIVE_IDS = {i: SENSITIVE[name] for i, name in NAMES.items() if name in SENSITIVE}
+TERMINATOR_IDS = {i for i, name in NAMES.items() if name in TERMINATORS}
+DIRECT_IDS = {i for i, name in NAMES.items() if name in DIRECT_BRANCHES}
 DETAIL = Cs(CS_ARCH_X86, CS_MODE_64)
 DETAIL.detail = True
 ADDRESS = 0x401000
@@ -236,7 +241,26 @@ def test_classify(encoding, text, kind):
 def test_every_kind_is_covered():
     from sbe.meta.site import KINDS
     assert {kind for _, _, kind in CLASSIFIED} - {None} == set(KINDS)
-    assert set(KIND_BY_MNEMONIC.values()) == set(KINDS)
+    assert set(SENSITIVE.values()) == set(KINDS)
+
+
+def test_the_tables_name_capstone_instructions_once():
+    """A misspelt name would silently never match; two ids of one name would make
+    the tables say one thing of two instructions."""
+    assert set(SENSITIVE) | TERMINATORS | DIRECT_BRANCHES <= set(NAMES.values())
+    assert len(set(NAMES.values())) == len(NAMES)
+
+
+def test_the_tables_need_no_capstone_binding():
+    """The scanner's tables, its C scan and the branch decoder load without capstone's
+    Python binding, which costs every start 50 ms: a warm run decodes nothing."""
+    import subprocess
+    import sys
+    code = ("import sys; from sbe.scanner import scan, sensitive, window; from sbe.handlers import dispatch;"
+            "from sbe.patcher import patcher; assert scan.lib is not None, 'the C scan did not load';"
+            "assert 'capstone' not in sys.modules, 'capstone was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("encoding, target", [
@@ -292,17 +316,17 @@ OPERAND_DEPENDENT = {"int", "mov", "jmp", "call"}
 def check_names_agree_with_ids(insn: capstone.CsInsn) -> None:
     name = insn.mnemonic.rpartition(" ")[2]
     kind = classify(insn.mnemonic, insn.op_str)
-    if insn.id in SENSITIVE and name not in OPERAND_DEPENDENT:
-        assert kind == SENSITIVE[insn.id], insn
+    if insn.id in SENSITIVE_IDS and name not in OPERAND_DEPENDENT:
+        assert kind == SENSITIVE_IDS[insn.id], insn
     if kind is not None:
-        assert insn.id in SENSITIVE, insn
+        assert insn.id in SENSITIVE_IDS, insn
     if is_terminator(insn.mnemonic, insn.op_str) and name != "int":
-        assert insn.id in TERMINATORS, insn
-    elif insn.id in TERMINATORS:
+        assert insn.id in TERMINATOR_IDS, insn
+    elif insn.id in TERMINATOR_IDS:
         assert False, f"{insn} has no fall-through but is not a terminator"
     if direct_target(insn.mnemonic, insn.op_str) is not None:
-        assert insn.id in DIRECT_BRANCHES, insn
-    elif insn.id in DIRECT_BRANCHES:
+        assert insn.id in DIRECT_IDS, insn
+    elif insn.id in DIRECT_IDS:
         assert not insn.op_str[:1].isdigit(), insn
 
 
@@ -326,7 +350,7 @@ def test_names_agree_with_ids_over_the_opcode_space():
             check_names_agree_with_ids(insn)
     # The walk must have met every instruction the tables name, or it checked little.
     # jcxz is the one that cannot occur: 64-bit mode has no 16-bit address size.
-    missed = {LITE.insn_name(i) for i in (set(SENSITIVE) | TERMINATORS | DIRECT_BRANCHES) - seen}
+    missed = {NAMES[i] for i in (set(SENSITIVE_IDS) | TERMINATOR_IDS | DIRECT_IDS) - seen}
     assert missed == {"jcxz"}
 
 

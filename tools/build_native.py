@@ -34,6 +34,7 @@ CDEF = """
                  int sweep, const uint8_t *info, size_t ninfo, struct sbe_scan *out);
     void sbe_scan_free(struct sbe_scan *out);
     int sbe_scan_init(void);
+    size_t sbe_insn_names(char *buf, size_t cap);
 """
 
 
@@ -44,17 +45,36 @@ def capstone_dir() -> Path:
     return Path(spec.origin).parent
 
 
+def soname(path: Path) -> str:
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+    with open(path, "rb") as f:
+        for section in ELFFile(f).iter_sections():
+            if isinstance(section, DynamicSection):
+                for tag in section.iter_tags("DT_SONAME"):
+                    return tag.soname
+    return path.name
+
+
 def main() -> int:
     capstone = capstone_dir()
     include, lib = capstone / "include", capstone / "lib"
     if not (include / "capstone" / "capstone.h").exists() or not (lib / "libcapstone.so").exists():
         sys.exit(f"build_native: {capstone} has no headers or libcapstone.so")
+    # The extension names libcapstone by its soname, which the wheel's file does not
+    # carry: linked by a name that resolves on its own, the module loads without
+    # the capstone binding having loaded the library first (a warm run never does).
+    linkdir = ROOT / "build" / "capstone"
+    linkdir.mkdir(parents=True, exist_ok=True)
+    alias = linkdir / soname(lib / "libcapstone.so")
+    alias.unlink(missing_ok=True)
+    alias.symlink_to(lib / "libcapstone.so")
     ffi = FFI()
     ffi.cdef(CDEF)
     ffi.set_source(MODULE, (ROOT / "scanner" / "region.c").read_text(),
                    include_dirs=[str(include)], library_dirs=[str(lib)], libraries=["capstone"],
                    extra_compile_args=["-O2", "-Wall", "-Werror"],
-                   extra_link_args=[f"-Wl,-rpath,{lib}"])
+                   extra_link_args=[f"-Wl,-rpath,{linkdir}"])
     with tempfile.TemporaryDirectory() as tmp:
         built = Path(ffi.compile(tmpdir=tmp, verbose=False))
         target = ROOT / "scanner" / built.name
