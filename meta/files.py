@@ -3,7 +3,6 @@ half of one, even when the writer is killed midway."""
 from __future__ import annotations
 
 import os
-import secrets
 
 
 def replace_atomically(path: str, data: bytes) -> None:
@@ -11,7 +10,7 @@ def replace_atomically(path: str, data: bytes) -> None:
     directory, name = os.path.split(os.path.abspath(path))
     # Beside the target, because a rename is only atomic within one filesystem; a name
     # of our own instead of mkstemp so the file gets the usual umask-given mode.
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:

@@ -104,6 +104,46 @@ def _near(avoid: frozenset, page: int, state) -> frozenset:
                      and a not in state.targets and a not in state.roots)
 
 
+def _image_of(binding, sites: list[Site]):
+    """A cached page as it was planted: each site relative to the mapping, with its
+    stub's template at its offset in one blob, or the reason it is a trap. None
+    when a site is not as its kept plan says (a policy, a cache that was full)."""
+    base, entries, size = binding.start, [], 0
+    for site in sites:
+        common = (site.address - base, site.size, site.kind, site.mnemonic, site.op_str, site.plan)
+        if isinstance(site.plan, str) and site.patch is None:
+            entries.append((common, site.reason, None, 0))
+        elif isinstance(site.plan, tuple) and site.patch is not None and site.template is not None:
+            entries.append((common, None, site.template, size))
+            size += len(site.template.code)
+        else:
+            return None
+    return entries, size
+
+
+def _record_image(record):
+    """A cached page's image from its record alone, as _image_of would give it: when
+    every site keeps a plan that passes its check (cachedplan.from_record) and each
+    window its stub's template. None otherwise: the page is planned afresh. A warm
+    run's page thus costs one placement per stub and two writes, not a planting
+    per site."""
+    if cachedplan.from_record(record, 0) is None:
+        return None
+    templates = dict(cachedplan.templates_of(record))
+    entries, size = [], 0
+    for rel, (length, kind, mnemonic, op_str, kept, _) in sorted(record.sites.items()):
+        common = (rel, length, kind, mnemonic, op_str, kept)
+        if isinstance(kept, str):
+            entries.append((common, kept, None, 0))
+            continue
+        template = templates.get((rel, kept[0], kept[1], kept[4]))
+        if template is None:
+            return None
+        entries.append((common, None, template, size))
+        size += len(template.code)
+    return entries, size
+
+
 class Patcher:
     def __init__(self, policy: PatchPolicy | None = None, cpu=None, costs: PatchCosts | None = None) -> None:
         self.policy = policy or PatchPolicy()
@@ -285,46 +325,38 @@ class Patcher:
                 self.costs.false_sites += 1
 
     def _cached_page(self, space, binding, offset, record, code, page, state, near, remote) -> list[Site]:
-        """Plant a cached page: at once from its image when this process planted the
-        same record before (every exec of a shell loop maps the same libc), else site
-        by site, keeping the image for the next time."""
+        """Plant a cached page: at once from its image (made from its record, or from
+        this process's earlier planting of the same record: every exec of a shell
+        loop maps the same libc), else site by site, keeping the image for the next
+        time. Only when no thread stands near the page and none of its sites is
+        planted already."""
         key = (binding.key, offset)
-        image = self._images.get(key)
         fits = space.mode == "patch" and not near and not space.sites.in_range(page, page + PAGE)
-        if fits and image is not None and image[0] is record and image[1] is not None:
-            sites = self._place_image(space, binding, page, code, image[1], remote)
-            if sites is not None:
-                return sites
+        if fits:
+            image = self._images.get(key)
+            if image is None or image[0] is not record:    # records are never changed
+                image = self._images[key] = (record, _record_image(record))
+            if image[1] is not None:
+                sites = self._place_image(space, binding, page, code, image[1], remote)
+                if sites is not None:
+                    return sites
         sites = [self.plant(space, plan, code, page, remote, near, binding)
                  for plan in self._cached_page_plans(space, binding, offset, record, code, page, state, near)]
         if fits:
-            self._images[key] = (record, self._image_of(binding, page, sites))
+            self._images[key] = (record, _image_of(binding, sites))
         return sites
-
-    def _image_of(self, binding, page: int, sites: list[Site]):
-        """A cached page as it was planted: each site relative to the mapping, its
-        stub's template at its offset in one blob, and every guest address the
-        stubs name (which must have moved with the mapping wherever it goes). None
-        when a site is not as its kept plan says (a policy, a cache that was full)."""
-        base, entries, size = binding.start, [], 0
-        for site in sites:
-            common = (site.address - base, site.size, site.kind, site.mnemonic, site.op_str, site.original,
-                      site.plan)
-            if isinstance(site.plan, str) and site.patch is None:
-                entries.append((common, site.reason, None, 0))
-            elif isinstance(site.plan, tuple) and site.patch is not None and site.template is not None:
-                entries.append((common, None, site.template, size))
-                size += len(site.template.code)
-            else:
-                return None
-        return entries, size
 
     def _place_image(self, space, binding, page: int, code: bytes, image, remote) -> list[Site] | None:
         """The page's image planted: its stubs in one write, its windows and traps in
-        another. None, with nothing written, when it does not fit this time."""
+        another. None, with nothing written, when it does not fit this time (no
+        room, a stub out of reach, a site the policy leaves as a trap)."""
         entries, size = image
         base = binding.start
         t0 = time.perf_counter()
+        module, module_offset = space.modules.locate(page)
+        if any(self.policy.forced(kind, module, module_offset + base + rel - page)
+               for (rel, _, kind, *_), _, template, _ in entries if template is not None):
+            return None
         try:
             cache = self.cache_for(space, page, page + PAGE, remote)
         except EmitError:
@@ -332,27 +364,28 @@ class Patcher:
         if not cache.room(size):
             return None
         at = cache.next
-        module, module_offset = space.modules.locate(page)
         patched, blob, sites = bytearray(code[:PAGE]), [], []
-        for (rel, length, kind, mnemonic, op_str, raw, plan), reason, template, offset in entries:
+        for (rel, length, kind, mnemonic, op_str, plan), reason, template, offset in entries:
             address = base + rel
-            site = Site(address, length, kind, mnemonic, op_str, raw, reason or "", module,
-                        module_offset + address - page, plan=plan, template=template)
+            site = Site(address, length, kind, mnemonic, op_str, code[address - page:address - page + length],
+                        reason or "", module, module_offset + address - page, plan=plan, template=template)
             if template is None:
                 patched[address - page] = INT3[0]
                 self.costs.fallbacks[reason] += 1
             else:
-                stub = placed(template, at + offset, base, cache.start)
+                stub_at = at + offset
+                stub = placed(template, stub_at, base, cache.start)
                 if stub is None:
                     return None
                 blob.append(stub.code)
                 start, end = base + plan[0], base + plan[1]
-                written = _window_bytes(start, end, address, plan[4], at + offset)
+                written = _window_bytes(start, end, address, plan[4], stub_at)
                 patched[start - page:start - page + len(written)] = written
-                site.patch = Patch(start, end, code[start - page:end - page], at + offset, len(stub.code),
-                                   trap=at + offset + stub.trap if stub.trap is not None else 0,
-                                   resume=at + offset + stub.resume if stub.resume is not None else 0,
-                                   displaced=stub.displaced, guarded=plan[4])
+                site.patch = Patch(start, end, code[start - page:end - page], stub_at, len(stub.code),
+                                   trap=stub_at + stub.trap if stub.trap is not None else 0,
+                                   resume=stub_at + stub.resume if stub.resume is not None else 0,
+                                   displaced=tuple((stub_at + o, original) for o, original in stub.displaced),
+                                   guarded=plan[4])
             sites.append(site)
         if size:
             space.mem.write(cache.take(size), b"".join(blob))
