@@ -5,7 +5,7 @@ given and describe the result; the monitor (which owns ptrace) carries it out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from sbe.meta.record import Record
 
 # What the monitor does after applying regs and writes.
 RESUME = "resume"        # continue at regs["rip"]
@@ -14,12 +14,15 @@ SYSCALL32 = "syscall32"  # the same through the `int 0x80` gadget
 STEP = "step"            # run the original instruction natively once (restore, single-step, re-plant)
 
 
-@dataclass
-class Effect:
-    action: str = RESUME
-    regs: dict = field(default_factory=dict)          # register name -> new 64-bit value
-    writes: list = field(default_factory=list)        # [(address, bytes)] guest memory to write
-    resume: int = 0                                   # for SYSCALL*: where the guest continues after it
-    # Follow-ups the monitor owes the patched guest, so it need not know kinds:
-    branch_target: int | None = None    # an indirect branch lands here: scan it, let stubs go there
-    cpuid_answer: tuple | None = None   # (leaf, subleaf, (eax, ebx, ecx, edx)) a cpuid stub's table can learn
+class Effect(Record):
+    __slots__ = ("action", "regs", "writes", "resume", "branch_target", "cpuid_answer")
+
+    def __init__(self, action: str = RESUME, regs: dict | None = None, writes: list | None = None,
+                 resume: int = 0, branch_target: int | None = None, cpuid_answer: tuple | None = None):
+        self.action = action
+        self.regs = {} if regs is None else regs          # register name -> new 64-bit value
+        self.writes = [] if writes is None else writes    # [(address, bytes)] guest memory to write
+        self.resume = resume                              # for SYSCALL*: where the guest continues after it
+        # Follow-ups the monitor owes the patched guest, so it need not know kinds:
+        self.branch_target = branch_target  # an indirect branch lands here: scan it, let stubs go there
+        self.cpuid_answer = cpuid_answer    # (leaf, subleaf, (eax, ebx, ecx, edx)) a cpuid stub's table can learn

@@ -3,16 +3,10 @@ against, so a site's identity survives ASLR as module + offset."""
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from collections import namedtuple
 
 
-@dataclass(frozen=True)
-class Mapping:
-    start: int
-    end: int
-    perms: str
-    offset: int
-    path: str
+Mapping = namedtuple("Mapping", "start end perms offset path")   # a line of /proc/PID/maps
 
 
 def parse_maps(text: str) -> list[Mapping]:

@@ -6,7 +6,7 @@ execute): its first fetch faults, the monitor scans it and only then grants exec
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from sbe.meta.record import Record
 
 PAGE = 4096
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -21,20 +21,24 @@ def pages_in(start: int, end: int) -> range:
     return range(page_of(start), end, PAGE)
 
 
-@dataclass
-class PageState:
+class PageState(Record):
     """One code page's life: tracked (the guest mapped it executable) -> entries
     learned while it is unscanned (`add_entry`) -> scanned (`learn`, again for each
     extension scan) -> back to unscanned (`reset`: its code changed or its patches
     moved) or untracked (unmapped, made non-executable)."""
-    prot: int                                  # what the guest asked for (incl. PROT_EXEC)
-    scanned: bool = False
-    starts: set = field(default_factory=set)   # instruction starts found so far
-    entries: set = field(default_factory=set)  # entries learned before the page was scanned
-    roots: set = field(default_factory=set)    # every entry a scan started from: control
-                                               # arrives there, so no window may cover one
-    targets: set = field(default_factory=set)  # landing points the decoded code reveals
-    exits: set = field(default_factory=set)    # entries its code gives other pages
+    __slots__ = ("prot", "scanned", "starts", "entries", "roots", "targets", "exits")
+
+    def __init__(self, prot: int, scanned: bool = False, starts=None, entries=None, roots=None,
+                 targets=None, exits=None) -> None:
+        self.prot = prot                        # what the guest asked for (incl. PROT_EXEC)
+        self.scanned = scanned
+        self.starts: set = set() if starts is None else starts      # instruction starts found so far
+        self.entries: set = set() if entries is None else entries   # learned before the page was scanned
+        # Every entry a scan started from: control arrives there, so no window may
+        # cover one.
+        self.roots: set = set() if roots is None else roots
+        self.targets: set = set() if targets is None else targets   # landing points the code reveals
+        self.exits: set = set() if exits is None else exits         # entries it gives other pages
 
     def add_entry(self, address: int) -> None:
         self.entries.add(address)

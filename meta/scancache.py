@@ -27,9 +27,8 @@ import stat
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
-
 from sbe.meta.files import replace_atomically
+from sbe.meta.record import Record
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +55,21 @@ def default_directory(environ=os.environ) -> str:
     return os.path.join(base, "sbe")
 
 
-@dataclass
-class PageRecord:
+class PageRecord(Record):
     """One scanned page, offsets relative to the mapping's start."""
-    starts: set = field(default_factory=set)
-    roots: set = field(default_factory=set)
-    targets: set = field(default_factory=set)
-    sites: dict = field(default_factory=dict)   # offset -> (size, kind, mnemonic, op_str, plan, stub)
-    exits: set = field(default_factory=set)     # entries it gives other pages
-    # The programs whose runs executed the page (it faulted at a fetch), most recent
-    # first: a warm run of one of them plants it when its mapping appears, others at
-    # its first fetch (a shell's pages of libc are not /bin/true's).
-    users: list = field(default_factory=list)
+    __slots__ = ("starts", "roots", "targets", "sites", "exits", "users")
+
+    def __init__(self, starts=None, roots=None, targets=None, sites=None, exits=None, users=None) -> None:
+        self.starts: set = set() if starts is None else starts
+        self.roots: set = set() if roots is None else roots
+        self.targets: set = set() if targets is None else targets
+        self.sites: dict = {} if sites is None else sites   # offset -> (size, kind, mnemonic, op_str, plan, stub)
+        self.exits: set = set() if exits is None else exits  # entries it gives other pages
+        # The programs whose runs executed the page (it faulted at a fetch), most
+        # recent first: a warm run of one of them plants it when its mapping
+        # appears, others at its first fetch (a shell's pages of libc are not
+        # /bin/true's).
+        self.users: list = [] if users is None else users
 
     def merged(self, newer: "PageRecord") -> "PageRecord":
         """This record with a newer scan of the page merged in (a new record: one a
@@ -85,12 +87,14 @@ class PageRecord:
                           list(dict.fromkeys(newer.users + self.users))[:USERS])
 
 
-@dataclass
-class Entry:
-    key: str
-    path: str                 # the file it was mapped from, for people
-    size: int                 # the mapping's length
-    pages: dict = field(default_factory=dict)   # page offset -> PageRecord
+class Entry(Record):
+    __slots__ = ("key", "path", "size", "pages")
+
+    def __init__(self, key: str, path: str, size: int, pages: dict | None = None) -> None:
+        self.key = key
+        self.path = path          # the file it was mapped from, for people
+        self.size = size          # the mapping's length
+        self.pages: dict = {} if pages is None else pages   # page offset -> PageRecord
 
     def merge(self, other: "Entry") -> None:
         for offset, record in other.pages.items():

@@ -7,8 +7,9 @@ to run (ASLR) while its offsets do not.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections import namedtuple
+
+from sbe.meta.record import Record
 
 from sbe.meta.pagemap import PAGE, page_of
 
@@ -16,46 +17,51 @@ KINDS = ("syscall", "cpuid", "rdtsc", "rdtscp", "pkru", "privileged", "branch")
 STRATEGIES = ("int3", "jmp5")
 
 
-class Patch(NamedTuple):
+class Patch(namedtuple("Patch", "window_start window_end window_bytes stub stub_size trap resume displaced guarded",
+                       defaults=(0, 0, (), False))):
     """What a jmp5 site's patch is now: the window [window_start, window_end) its
-    5-byte jump overwrites, the original bytes there, and the stub it lands on. A
-    site's identity never changes; its patch is replaced whole (demotion to `int3`
-    is `patch = None`), so no field of an old patch can survive into a new one. A
-    tuple: a warm start makes thousands, and a frozen dataclass costs five times
-    as much to make."""
-    window_start: int
-    window_end: int
-    window_bytes: bytes
-    stub: int
-    stub_size: int
-    trap: int = 0           # the stub's int3 ("emulate the site here"), if it has one
-    resume: int = 0         # where the stub goes on after that trap (0: the handler decides)
-    displaced: tuple = ()   # (stub address, original address) of each displaced instruction
-    guarded: bool = False   # the site keeps its bytes and runs after the stub's check
+    5-byte jump overwrites, the original bytes there, and the stub it lands on;
+    `trap`, the stub's int3 ("emulate the site here"), if it has one; `resume`,
+    where the stub goes on after that trap (0: the handler decides); `displaced`,
+    (stub address, original address) of each displaced instruction; `guarded`, the
+    site keeps its bytes and runs after the stub's check. A site's identity never
+    changes; its patch is replaced whole (demotion to `int3` is `patch = None`), so
+    no field of an old patch can survive into a new one. A tuple: a warm start
+    makes thousands, and a frozen dataclass costs five times as much to make."""
+    __slots__ = ()
 
 
-@dataclass(eq=False)
-class Site:
-    address: int
-    size: int
-    kind: str
-    mnemonic: str
-    op_str: str
-    original: bytes
-    reason: str = ""        # why it is an int3 in patch mode
-    module: str = ""
-    offset: int = 0
-    hits: int = 0
-    patch: Patch | None = None   # None: the site is a one-byte int3
-    # What a handler derives once from the instruction (e.g. a branch's operand) and
-    # keeps, so a trap does not decode it again.
-    decoded: dict = field(default_factory=dict, repr=False)
-    # The scanner's plan the site was planted from, as the scan cache keeps it
-    # (relative to its mapping), when it may (a function of the page's bytes and
-    # scan alone); None otherwise.
-    plan: object = field(default=None, repr=False)
-    # Its stub detached from where it lies, for the scan cache (with the plan).
-    template: object = field(default=None, repr=False)
+class Site(Record):
+    """A site is itself: two sites are equal only when they are the same one."""
+    __slots__ = ("address", "size", "kind", "mnemonic", "op_str", "original", "reason", "module", "offset",
+                 "hits", "patch", "decoded", "plan", "template")
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __init__(self, address: int, size: int, kind: str, mnemonic: str, op_str: str, original: bytes,
+                 reason: str = "", module: str = "", offset: int = 0, hits: int = 0,
+                 patch: Patch | None = None, decoded: dict | None = None, plan: object = None,
+                 template: object = None) -> None:
+        self.address = address
+        self.size = size
+        self.kind = kind
+        self.mnemonic = mnemonic
+        self.op_str = op_str
+        self.original = original
+        self.reason = reason        # why it is an int3 in patch mode
+        self.module = module
+        self.offset = offset
+        self.hits = hits
+        self.patch = patch          # None: the site is a one-byte int3
+        # What a handler derives once from the instruction (e.g. a branch's operand)
+        # and keeps, so a trap does not decode it again.
+        self.decoded = {} if decoded is None else decoded
+        # The scanner's plan the site was planted from, as the scan cache keeps it
+        # (relative to its mapping), when it may (a function of the page's bytes and
+        # scan alone); None otherwise.
+        self.plan = plan
+        # Its stub detached from where it lies, for the scan cache (with the plan).
+        self.template = template
 
     @property
     def strategy(self) -> str:
@@ -96,10 +102,11 @@ class Site:
         return self.address, self.original[:1]
 
     def twin(self) -> "Site":
-        """A copy for a forked child (whose memory holds the same patches). By hand:
-        dataclasses.replace costs ten times as much, and a fork copies every site."""
+        """A copy for a forked child (whose memory holds the same patches), slot by
+        slot: a fork copies every site."""
         twin = object.__new__(Site)
-        twin.__dict__.update(self.__dict__)
+        for name in Site.__slots__:
+            setattr(twin, name, getattr(self, name))
         twin.decoded = dict(self.decoded)
         return twin
 

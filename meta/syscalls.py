@@ -12,7 +12,7 @@ one the monitor sees).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 from types import SimpleNamespace
 
 # x86-64 numbers, from the kernel's asm/unistd_64.h (a test compares them where the
@@ -111,13 +111,11 @@ NUMBERS = {name: nr for nr, name in NAMES.items()}
 SYS = SimpleNamespace(**NUMBERS)     # SYS.mprotect == 10
 
 
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    why: str
-    traps_in_stub: bool = False   # a patch-mode stub must not issue it: it traps
-    hook: str | None = None       # the monitor's hook around it, by name
-    must_see: bool = True         # traced to the monitor even from the gadget
+class Policy(namedtuple("Policy", "name why traps_in_stub hook must_see", defaults=(False, None, True))):
+    """`traps_in_stub`: a patch-mode stub must not issue it, it traps; `hook`: the
+    monitor's hook around it, by name; `must_see`: traced to the monitor even from
+    the gadget."""
+    __slots__ = ()
 
     @property
     def nr(self) -> int:

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import time
-from typing import NamedTuple
+from collections import namedtuple
 
 from sbe.handlers import cpuid
 from sbe.handlers.dispatch import emulate
@@ -62,19 +62,13 @@ def _may_restart(regs) -> bool:
     return regs.orig_rax & MASK64 != MASK64 and (regs.rax - (1 << 64) if regs.rax >> 63 else regs.rax) in RESTARTING
 
 
-class Resume(NamedTuple):
-    """How a stopped thread goes on: with `sig` delivered, by `request` (None: the
-    session's usual one, which also delivers a signal kept for the thread)."""
-    sig: int = 0
-    request: int | None = None
+# How a stopped thread goes on: with `sig` delivered, by `request` (None: the
+# session's usual one, which also delivers a signal kept for the thread).
+Resume = namedtuple("Resume", "sig request", defaults=(0, None))
 
-
-class GadgetReturn(NamedTuple):
-    """A thread running a site's syscall in the gadget: where to put it back to run
-    the syscall again (a signal's restart), and where it goes on after it."""
-    site: object
-    restart: int
-    resume: int
+# A thread running a site's syscall in the gadget: where to put it back to run the
+# syscall again (a signal's restart), and where it goes on after it.
+GadgetReturn = namedtuple("GadgetReturn", "site restart resume")
 
 
 class Thread:
@@ -482,6 +476,12 @@ class Session:
                 self.grant(thread, page_of(addr), state.prot)
             self.stats.faults += 1
             self.stats.fault_seconds += time.perf_counter() - t0
+            return Resume()
+        if state is not None and fetch and info.si_code == SEGV_ACCERR:
+            # A fetch from a scanned page: another thread's first fetch of it faulted
+            # too and was handled first, so the fault is sbe's, not the guest's. The
+            # grant is idempotent, and makes sure the fetch goes through this time.
+            self.grant(thread, page_of(addr), state.prot)
             return Resume()
         if (state is not None and state.scanned and state.prot & PROT_WRITE
                 and info.si_code == SEGV_ACCERR and not fetch):

@@ -6,29 +6,33 @@ cost of virtualization can be read per kind and per trap.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 
+from sbe.meta.record import Record
 from sbe.patcher.patcher import PatchCosts
 
 
-@dataclass
-class Stats:
-    planted: Counter = field(default_factory=Counter)      # kind -> sites
-    strategies: Counter = field(default_factory=Counter)   # strategy -> sites
-    traps: Counter = field(default_factory=Counter)        # kind -> site traps
-    escapes: Counter = field(default_factory=Counter)      # syscall name -> escapes
-    escape_sites: list = field(default_factory=list)       # (module, offset, nr)
-    stops: int = 0
-    trap_seconds: float = 0.0
-    fault_seconds: float = 0.0
-    faults: int = 0
-    remote_syscalls: int = 0
-    syscall_stops: int = 0
-    processes: int = 0
-    threads: int = 0
-    wall_seconds: float = 0.0
-    switches: list = field(default_factory=list)          # modes switched to, in order
-    patching: PatchCosts = field(default_factory=PatchCosts)   # counted by the Patcher
+class Stats(Record):
+    __slots__ = ("planted", "strategies", "traps", "escapes", "escape_sites", "stops", "trap_seconds",
+                 "fault_seconds", "faults", "remote_syscalls", "syscall_stops", "processes", "threads",
+                 "wall_seconds", "switches", "patching")
+
+    def __init__(self) -> None:
+        self.planted: Counter = Counter()      # kind -> sites
+        self.strategies: Counter = Counter()   # strategy -> sites
+        self.traps: Counter = Counter()        # kind -> site traps
+        self.escapes: Counter = Counter()      # syscall name -> escapes
+        self.escape_sites: list = []           # (module, offset, nr)
+        self.stops = 0
+        self.trap_seconds = 0.0
+        self.fault_seconds = 0.0
+        self.faults = 0
+        self.remote_syscalls = 0
+        self.syscall_stops = 0
+        self.processes = 0
+        self.threads = 0
+        self.wall_seconds = 0.0
+        self.switches: list = []               # modes switched to, in order
+        self.patching = PatchCosts()           # counted by the Patcher
 
     def as_dict(self) -> dict:
         traps = sum(self.traps.values())

@@ -11,8 +11,8 @@ load of the target. Everything here is a function of bytes and addresses.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from sbe.meta.record import Record
 from sbe.patcher import stubs
 from sbe.scanner.x86 import MASK64
 
@@ -21,16 +21,20 @@ class EmitError(ValueError):
     pass
 
 
-@dataclass
-class Stub:
-    code: bytes
-    trap: int | None      # offset of the body's int3
-    resume: int | None    # offset where the stub goes on after that trap
-    displaced: tuple = () # (offset in the stub, original address) of each displaced insn
-    # (offset in the stub, target, "guest" or "cache", bytes from the field's end to
-    # the end of its instruction, whence the rel32 counts) of each rel32 it holds:
-    # what `placed` re-aims when the same stub is wanted for code mapped elsewhere.
-    fields: tuple = ()
+class Stub(Record):
+    __slots__ = ("code", "trap", "resume", "displaced", "fields")
+
+    def __init__(self, code: bytes, trap: int | None, resume: int | None, displaced: tuple = (),
+                 fields: tuple = ()) -> None:
+        self.code = code
+        self.trap = trap            # offset of the body's int3
+        self.resume = resume        # offset where the stub goes on after that trap
+        self.displaced = displaced  # (offset in the stub, original address) of each displaced insn
+        # (offset in the stub, target, "guest" or "cache", bytes from the field's end
+        # to the end of its instruction, whence the rel32 counts) of each rel32 it
+        # holds: what `placed` re-aims when the same stub is wanted for code mapped
+        # elsewhere.
+        self.fields = fields
 
 
 _REL32 = struct.Struct("<i")

@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 from sbe.handlers import cpuid as cpuid_model
+from sbe.meta.record import Record
 from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
                               PROT_WRITE, page_of)
 from sbe.meta.scancache import Entry
@@ -37,7 +37,6 @@ from sbe.patcher.emit import EmitError, compose, detached, placed
 from sbe.patcher.sidecache import SideCache, find_gap
 from sbe.patcher.space import MAX_WINDOW, AddressSpace
 from sbe.scanner.decode import Insn
-from sbe.scanner.scan import scan_page
 from sbe.scanner.window import Fallback, Window, plan_windows
 from sbe.scanner.x86 import MAX_INSN
 
@@ -60,17 +59,20 @@ class PatchPolicy:
                 or (os.path.basename(module), offset) in self.emulate_sites)
 
 
-@dataclass
-class PatchCosts:
+class PatchCosts(Record):
     """What patching cost and how it went, over every space of a run."""
-    scan_seconds: float = 0.0
-    stub_seconds: float = 0.0
-    pages_scanned: int = 0
-    pages_cached: int = 0       # planted from the scan cache, without a scan
-    swept: int = 0
-    fallbacks: Counter = field(default_factory=Counter)   # why a site stayed int3
-    flushes: int = 0
-    false_sites: int = 0
+    __slots__ = ("scan_seconds", "stub_seconds", "pages_scanned", "pages_cached", "swept", "fallbacks",
+                 "flushes", "false_sites")
+
+    def __init__(self) -> None:
+        self.scan_seconds = 0.0
+        self.stub_seconds = 0.0
+        self.pages_scanned = 0
+        self.pages_cached = 0       # planted from the scan cache, without a scan
+        self.swept = 0
+        self.fallbacks: Counter = Counter()   # why a site stayed int3
+        self.flushes = 0
+        self.false_sites = 0
 
 
 def shifted(plan, delta: int):
@@ -202,6 +204,9 @@ class Patcher:
         entries = (state.entries | {target}) if fresh else {target}
         t0 = time.perf_counter()
         code = space.original(page, PAGE + MAX_INSN)
+        # Here, not at import: the C scan loads libcapstone (a few ms), and a warm run
+        # may scan nothing.
+        from sbe.scanner.scan import scan_page
         result = scan_page(code, page, entries, known=state.starts, sweep=fresh)
         self.costs.scan_seconds += time.perf_counter() - t0
         if fresh:

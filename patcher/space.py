@@ -8,8 +8,7 @@ vfork children share one space; a forked child gets a copy, at the same addresse
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from sbe.meta.record import Record
 from sbe.meta.module import ModuleMap, parse_maps
 from sbe.meta.pagemap import PAGE, PageMap
 from sbe.meta.scancache import Entry, PageRecord
@@ -22,16 +21,18 @@ from sbe.scanner.x86 import MAX_INSN
 MAX_WINDOW = 2 * MAX_INSN
 
 
-@dataclass
-class Binding:
+class Binding(Record):
     """A file's code mapped at [start, end), whose bytes, as mapped, have the scan
     cache key `key`. `touched`: its pages this space scanned, so there is something
     to save. A binding goes as soon as the mapping's bytes may change."""
-    start: int
-    end: int
-    key: str
-    path: str
-    touched: set = field(default_factory=set)
+    __slots__ = ("start", "end", "key", "path", "touched")
+
+    def __init__(self, start: int, end: int, key: str, path: str, touched: set | None = None) -> None:
+        self.start = start
+        self.end = end
+        self.key = key
+        self.path = path
+        self.touched = set() if touched is None else touched
 
 
 class AddressSpace:

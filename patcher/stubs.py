@@ -20,7 +20,7 @@ at the site; the monitor emulates the site there and resumes at the byte after t
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from sbe.patcher import templates
 
@@ -31,11 +31,9 @@ CPUID_ANY_SUBLEAF, CPUID_END = 1, 2
 BRANCH_BIAS = RED_ZONE + 8 + 8 + 8 + 8   # red zone, target slot, three scratch pushes
 
 
-@dataclass(frozen=True)
-class Body:
-    code: bytes
-    fields: dict = field(default_factory=dict)   # name -> offset of its rel32
-    trap: int | None = None                      # offset of the int3, if any
+# A template's bytes, its fields (name -> offset of its rel32) and the offset of its
+# int3, if any.
+Body = namedtuple("Body", "code fields trap", defaults=(None,))
 
 
 _SYSCALL = Body(*templates.SYSCALL)

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import NamedTuple
+from collections import namedtuple
 
 
-class Insn(NamedTuple):
+class Insn(namedtuple("Insn", "address size mnemonic op_str")):
     """A tuple, not a dataclass: a page scan makes thousands, and a tuple is made
     from capstone's own tuple at a fraction of the cost."""
-    address: int
-    size: int
-    mnemonic: str
-    op_str: str
+    __slots__ = ()
 
     @property
     def end(self) -> int:

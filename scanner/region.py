@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from sbe.meta.record import Record
 
 from .decode import Insn, decode_from
 from .sensitive import classify, direct_target, is_terminator
@@ -23,14 +23,16 @@ _WINDOW = 1024  # bytes handed to capstone at a time
 _SWEEP_ROUNDS = 4  # sweep, descend from what the sweep branches to, sweep what is left
 
 
-@dataclass
-class RegionScan:
-    starts: set[int] = field(default_factory=set)
-    sizes: dict[int, int] = field(default_factory=dict)   # the size of the instruction at each start
-    sites: list[tuple[Insn, str]] = field(default_factory=list)
-    outside: set[int] = field(default_factory=set)
-    swept: int = 0
-    targets: set[int] = field(default_factory=set)   # window.targets_of its instructions
+class RegionScan(Record):
+    __slots__ = ("starts", "sizes", "sites", "outside", "swept", "targets")
+
+    def __init__(self, starts=None, sizes=None, sites=None, outside=None, swept: int = 0, targets=None):
+        self.starts: set[int] = set() if starts is None else starts
+        self.sizes: dict[int, int] = {} if sizes is None else sizes   # the size of the instruction at each start
+        self.sites: list[tuple[Insn, str]] = [] if sites is None else sites
+        self.outside: set[int] = set() if outside is None else outside
+        self.swept = swept
+        self.targets: set[int] = set() if targets is None else targets   # window.targets_of its instructions
 
 
 class _Decoded:

@@ -28,10 +28,9 @@ to hold one):
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, namedtuple
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from itertools import accumulate
 
 from .decode import Insn, decode_from
@@ -71,20 +70,14 @@ _RANK = {reason: rank for rank, reason in enumerate(REASONS)}
 _RIP_RELATIVE = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
 
 
-@dataclass(frozen=True)
-class Window:
-    """The bytes [start, end) a site's `jmp rel32` and int3 padding overwrite."""
-    site: Insn
-    kind: str
-    start: int
-    end: int
-    before: tuple[Insn, ...]   # displaced instructions before the site, in order
-    after: tuple[Insn, ...]    # displaced instructions after the site, in order
-    # The site keeps its own bytes and runs natively once its stub has checked its
-    # target: the jump and its padding fill [start, site.address). The window still
-    # ends at the site's end, so nothing may land on the site itself: every way to
-    # it goes through the check.
-    guard: bool = False
+class Window(namedtuple("Window", "site kind start end before after guard", defaults=(False,))):
+    """The bytes [start, end) a site's `jmp rel32` and int3 padding overwrite;
+    `before` and `after`, the instructions displaced before and after the site, in
+    order. `guard`: the site keeps its own bytes and runs natively once its stub has
+    checked its target: the jump and its padding fill [start, site.address). The
+    window still ends at the site's end, so nothing may land on the site itself:
+    every way to it goes through the check."""
+    __slots__ = ()
 
     @property
     def size(self) -> int:
@@ -106,12 +99,9 @@ class Window:
         return "forward" if self.after else "site"
 
 
-@dataclass(frozen=True)
-class Fallback:
+class Fallback(namedtuple("Fallback", "site kind reason")):
     """A site that keeps a one-byte trap, because no safe window exists for it."""
-    site: Insn
-    kind: str
-    reason: str
+    __slots__ = ()
 
 
 def branch_targets(code: bytes, base: int, starts: Iterable[int]) -> set[int]:

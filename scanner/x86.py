@@ -1,7 +1,7 @@
 """Facts of the x86-64 encoding that several parts rely on, stated once."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 MAX_INSN = 15                 # bytes in the longest x86 instruction
 MASK64 = (1 << 64) - 1
@@ -30,15 +30,9 @@ _NULL_SEGMENTS = frozenset((0x26, 0x2E, 0x36, 0x3E))
 _ADDRESS_SIZE, _BND = 0x67, 0xF2
 
 
-class Memory(NamedTuple):
-    """[segment: base + index * scale + disp], the sum taken in `mask`'s width: a
-    near indirect branch's memory operand (a rip base is already folded into disp)."""
-    segment: str | None
-    base: str | None
-    index: str | None
-    scale: int
-    disp: int
-    mask: int
+# [segment: base + index * scale + disp], the sum taken in `mask`'s width: a near
+# indirect branch's memory operand (a rip base is already folded into disp).
+Memory = namedtuple("Memory", "segment base index scale disp mask")
 
 
 def near_indirect(code: bytes, address: int):

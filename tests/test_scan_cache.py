@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -238,3 +239,21 @@ def test_a_run_that_learns_nothing_writes_nothing(guests, tmp_path, argv):
     assert (run.stdout, run.status) == (native.stdout, native.status)
     assert stats["pages_scanned"] == 0
     assert {name: (cache / name).read_bytes() for name in entries(cache)} == before
+
+
+@pytest.mark.timeout(120)
+def test_a_warm_run_loads_neither_capstone_nor_the_c_scan(guests, tmp_path):
+    """A warm run plants what the cache kept: it decodes nothing, so it pays for
+    neither capstone's Python binding (50 ms to import) nor the C scan's library.
+    The branch traps it takes decode their operands from the bytes."""
+    cache, argv = tmp_path / "cache", [str(guests / "branches")]
+    native = run_cmd(argv)
+    sbe_run(argv, cache, tmp_path)
+    sbe_run(argv, cache, tmp_path)
+    run = run_cmd([sys.executable, "-X", "importtime", "-m", "sbe", "run", "--cache-dir", str(cache),
+                   "--", *argv])
+    assert (run.stdout, run.status) == (native.stdout, native.status)
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.decode().splitlines()
+              if line.startswith("import time:")}
+    assert "sbe.monitor.session" in loaded       # the import log is there
+    assert not {"capstone", "sbe.scanner._region_native", "sbe.patcher.relocate"} & loaded
