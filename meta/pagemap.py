@@ -6,6 +6,8 @@ execute): its first fetch faults, the monitor scans it and only then grants exec
 """
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from sbe.meta.record import Record
 
 PAGE = 4096
@@ -26,19 +28,50 @@ class PageState(Record):
     learned while it is unscanned (`add_entry`) -> scanned (`learn`, again for each
     extension scan) -> back to unscanned (`reset`: its code changed or its patches
     moved) or untracked (unmapped, made non-executable)."""
-    __slots__ = ("prot", "scanned", "starts", "entries", "roots", "targets", "exits")
+    __slots__ = ("prot", "scanned", "_starts", "_cached", "entries", "roots", "targets", "exits")
 
     def __init__(self, prot: int, scanned: bool = False, starts=None, entries=None, roots=None,
                  targets=None, exits=None) -> None:
         self.prot = prot                        # what the guest asked for (incl. PROT_EXEC)
         self.scanned = scanned
-        self.starts: set = set() if starts is None else starts      # instruction starts found so far
+        self._starts: set = set() if starts is None else starts     # instruction starts found so far
+        # Starts a scan cache record gave, not made addresses yet: (the mapping's
+        # base, the record's sorted offsets). Most cached pages of a warm run are
+        # never asked for all of them.
+        self._cached: tuple | None = None
         self.entries: set = set() if entries is None else entries   # learned before the page was scanned
         # Every entry a scan started from: control arrives there, so no window may
         # cover one.
         self.roots: set = set() if roots is None else roots
         self.targets: set = set() if targets is None else targets   # landing points the code reveals
         self.exits: set = set() if exits is None else exits         # entries it gives other pages
+
+    @property
+    def starts(self) -> set:
+        if self._cached is not None:
+            base, offsets = self._cached
+            self._cached = None
+            self._starts.update(map(base.__add__, offsets))
+        return self._starts
+
+    def has_start(self, address: int) -> bool:
+        """`address in self.starts`, without making the cached starts addresses."""
+        if address in self._starts:
+            return True
+        if self._cached is None:
+            return False
+        base, offsets = self._cached
+        i = bisect_left(offsets, address - base)
+        return i < len(offsets) and offsets[i] == address - base
+
+    def learn_cached(self, base: int, offsets, roots, targets, exits) -> None:
+        """A scan cache record of the page (offsets relative to `base`) is applied:
+        as `learn` from it, its starts kept as the record has them."""
+        self.learn(roots, (), targets, exits)
+        if self._cached is not None or self._starts:
+            self._starts |= set(map(base.__add__, offsets))
+        else:
+            self._cached = (base, offsets)
 
     def add_entry(self, address: int) -> None:
         self.entries.add(address)
@@ -49,7 +82,8 @@ class PageState(Record):
         self.scanned = True
         self.entries.clear()
         self.roots |= entries
-        self.starts |= starts
+        if starts:
+            self.starts.update(starts)
         self.targets |= targets
         self.exits |= set(exits)
 
@@ -60,16 +94,19 @@ class PageState(Record):
 
     def drop_starts(self, false) -> None:
         """Starts a later scan showed to lie inside real instructions."""
-        self.starts -= false
+        self.starts.difference_update(false)
 
     def reset(self) -> None:
         self.scanned = False
-        for learned in (self.starts, self.entries, self.roots, self.targets, self.exits):
+        self._cached = None
+        for learned in (self._starts, self.entries, self.roots, self.targets, self.exits):
             learned.clear()
 
     def copy(self) -> "PageState":
-        return PageState(self.prot, self.scanned, set(self.starts), set(self.entries),
+        twin = PageState(self.prot, self.scanned, set(self._starts), set(self.entries),
                          set(self.roots), set(self.targets), set(self.exits))
+        twin._cached = self._cached     # never changed in place: shared as it is
+        return twin
 
 
 class PageMap:

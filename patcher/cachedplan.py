@@ -65,7 +65,7 @@ def from_record(record, base: int) -> list | None:
         insns = (*before, (offset, size, mnemonic, op_str), *after)
         at = start
         for o, n, _, _ in insns:
-            if o != at or o not in record.starts:
+            if o != at or not record.has_start(o):
                 return None
             at += n
         if at != end or any(a in record.roots or a in record.targets for a in range(start + 1, end)):

@@ -189,7 +189,7 @@ class Patcher:
             inside = space.window_around(target)
             if inside is not None:
                 self.demote(space, inside, "branch target inside window")
-            if state.scanned and target in state.starts:
+            if state.scanned and state.has_start(target):
                 continue
             planted, outside = self._scan_one(space, target, state, remote, avoid, exclusive)
             new_sites += planted
@@ -252,14 +252,14 @@ class Patcher:
             if defer and record.users and space.program not in record.users:
                 space.deferred[page] = (binding, record)
                 continue
-            state.learn({base + r for r in record.roots}, {base + s for s in record.starts},
-                        {base + t for t in record.targets}, {base + x for x in record.exits})
+            state.learn_cached(base, record.starts, {base + r for r in record.roots},
+                               {base + t for t in record.targets}, {base + x for x in record.exits})
             code = space.original(page, PAGE + MAX_INSN)
             near = _near(avoid, page, state)
             planted += self._cached_page(space, binding, offset, record, code, page, state, near, remote)
             pages.append(page)
-        self.insert_branch_targets(space, [root for page in pages
-                                           for root in space.pages.get(page).roots & space.pages.get(page).starts])
+        self.insert_branch_targets(space, [root for page in pages for root in space.pages.get(page).roots
+                                           if space.pages.get(page).has_start(root)])
         # What the cached pages' code enters other pages at, as a scan of them would
         # have recorded: entries of unscanned pages, or extensions of scanned ones.
         exits = {x for page in pages for x in space.pages.get(page).exits}
@@ -304,7 +304,9 @@ class Patcher:
                     # puts a window over it.
                     other.arrived(out)
                     space.learned(out)
-                if out not in other.starts or space.window_around(out) is not None:
+                elif other.has_start(out):
+                    continue    # a root no window covers: planning keeps windows off roots
+                if not other.has_start(out) or space.window_around(out) is not None:
                     more.append(out)
             else:
                 other.add_entry(out)
@@ -419,7 +421,7 @@ class Patcher:
             space.learned(page)    # plans to keep, for the next run
         found = [(Insn(page + o - offset, site[0], site[2], site[3]), site[1])
                  for o, site in sorted(record.sites.items())]
-        memo = (binding.key, offset, space.mode, frozenset(record.starts), frozenset(record.roots),
+        memo = (binding.key, offset, space.mode, record.starts.tobytes(), frozenset(record.roots),
                 frozenset(record.targets), frozenset(record.sites.items()))
         # Not the mapping's last page: the bytes after it (which planning may read)
         # belong to whatever is mapped next, which differs from run to run.

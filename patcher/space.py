@@ -100,7 +100,7 @@ class AddressSpace:
         before it runs."""
         state = self.pages.get(address)
         return (state is None or not state.scanned
-                or (address in state.starts and self.window_around(address) is None))
+                or (state.has_start(address) and self.window_around(address) is None))
 
     def overlaps(self, address: int) -> bool:
         """True when `address` lies strictly inside an instruction a scan decoded:
@@ -109,7 +109,7 @@ class AddressSpace:
         if state is None:
             return False
         for start in range(address - 1, address - MAX_INSN, -1):
-            if start in state.starts:
+            if state.has_start(start):
                 insn = next(decode_from(self.original(start, MAX_INSN), start, start), None)
                 return insn is not None and start + insn.size > address
         return False
@@ -142,7 +142,7 @@ class AddressSpace:
                 continue
             base = binding.start
             entry.pages[page - base] = PageRecord(
-                {s - base for s in state.starts}, {r - base for r in state.roots},
+                (s - base for s in state.starts), {r - base for r in state.roots},
                 {t - base for t in state.targets},
                 {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str, s.plan,
                                     cachedplan.template_to_record(s.template) if s.plan is not None else None)

@@ -54,7 +54,7 @@ def test_a_kept_plan_the_record_does_not_bear_out_is_refused():
     assert cachedplan.from_record(PageRecord(record.starts, record.roots | {inside}, record.targets,
                                              record.sites, record.exits), PAGE) is None
     # an instruction the page's decoding does not have
-    assert cachedplan.from_record(PageRecord(record.starts - {inside}, record.roots, record.targets,
+    assert cachedplan.from_record(PageRecord(set(record.starts) - {inside}, record.roots, record.targets,
                                              record.sites, record.exits), PAGE) is None
     # a window that is not its instructions end to end
     assert cachedplan.from_record(_with(record, offset, (start, end + 1, before, after, guard)), PAGE) is None
