@@ -139,10 +139,16 @@ def machine_info(sbe_root: Path) -> dict:
     }
 
 
-def measure(argv, repeat, timeout, env, cwd, ref=None) -> tuple[dict, tuple | None]:
-    """Run one cell.  ref: the native (stdout, status) to check against, if any."""
+def measure(argv, repeat, timeout, env, cwd, ref=None, warmup=0) -> tuple[dict, tuple | None]:
+    """Run one cell.  ref: the native (stdout, status) to check against, if any;
+    warmup: runs first that are not counted."""
     times, statuses = [], []
     cell = {"status": "ok", "reason": "", "argv": argv}
+    for _ in range(warmup):
+        try:
+            rn.run_once(argv, timeout, env, cwd)
+        except OSError:
+            break
     for _ in range(repeat):
         try:
             r = rn.run_once(argv, timeout, env, cwd)
@@ -228,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "reason": "no native reference"}
                     continue
                 print(f"{w.name:10} {r.name:9} ", end="", flush=True)
-                cell, ref_out = measure([*r.prefix, *w.argv], args.repeat, args.timeout, env, cwd, ref)
+                cell, ref_out = measure([*r.prefix, *w.argv], args.repeat, args.timeout, env, cwd, ref,
+                                        r.warmup)
                 if r.name == "native":
                     if cell["status"] == "ok" and cell["exit_statuses"][0] != 0:
                         cell.update(status="n/a", short="native failed",

@@ -36,6 +36,7 @@ class Runner:
     prefix: list[str]      # prepended to the workload's argv
     tool: str | None       # executable that must be on PATH, if any
     about: str
+    warmup: int = 0        # runs of each cell before the counted ones
 
 
 def make_runners(sbe_root: Path = REPO) -> list[Runner]:
@@ -44,7 +45,9 @@ def make_runners(sbe_root: Path = REPO) -> list[Runner]:
         Runner("emulate", [*sbe(sbe_root), "run", "--mode", "emulate", "--"], None,
                "sbe run --mode emulate"),
         Runner("patch", [*sbe(sbe_root), "run", "--mode", "patch", "--"], None,
-               "sbe run --mode patch (warm: the scan cache holds what the warm-up run scanned)"),
+               "sbe run --mode patch, warm: two runs not counted come first, the first scanning "
+               "what the program runs, the second saving what a warm run learns of it (branch "
+               "targets validated at run time, pages planned afresh)", warmup=2),
         Runner("patch-cold", [*sbe(sbe_root, empty_cache=True), "run", "--mode", "patch", "--"], None,
                "sbe run --mode patch, each run on an empty scan cache directory (every page "
                "scanned, and saved)"),

@@ -10,7 +10,6 @@ it (exec resets it).
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 
@@ -18,6 +17,7 @@ from sbe.meta.module import parse_maps
 from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
                               PROT_WRITE)
 from sbe.meta.syscalls import SYS
+from sbe.scanner.elfsyms import function_addresses
 from sbe.monitor import codecache, remote
 from sbe.patcher import gadget
 
@@ -90,20 +90,6 @@ def program_tag(tid: int) -> str:
     return hashlib.sha256(path.encode(errors="surrogateescape")).hexdigest()[:12]
 
 
-def vdso_entries(image: bytes, base: int) -> set[int]:
-    """The vDSO's exported functions: the only ways into it."""
-    from elftools.elf.elffile import ELFFile   # only when the scan cache has no vDSO
-    elf = ELFFile(io.BytesIO(image))
-    low = min(s["p_vaddr"] for s in elf.iter_segments() if s["p_type"] == "PT_LOAD")
-    entries = set()
-    for section in elf.iter_sections():
-        if section["sh_type"] in ("SHT_DYNSYM", "SHT_SYMTAB"):
-            for sym in section.iter_symbols():
-                if sym["st_info"]["type"] == "STT_FUNC" and sym["st_value"]:
-                    entries.add(base + sym["st_value"] - low)
-    return entries
-
-
 def scan_vdso(session, space, start: int, end: int, remote) -> None:
     """The vDSO stays executable (mprotect on it fails), so it is scanned whole now,
     unless the scan cache knows it (it is the kernel's: the same in every process):
@@ -114,7 +100,7 @@ def scan_vdso(session, space, start: int, end: int, remote) -> None:
     # No thread runs the vDSO yet (the exec'd one stands at the image's entry), so
     # windows may go into its pages even after they were first scanned.
     avoid = session.thread_rips(space)
-    work = sorted(vdso_entries(space.mem.read(start, end - start), start), reverse=True)
+    work = sorted(function_addresses(space.mem.read(start, end - start), start), reverse=True)
     while work:
         entry = work.pop()
         if start <= entry < end:

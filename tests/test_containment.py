@@ -106,13 +106,13 @@ def test_the_whole_vdso_is_scanned_before_the_guest_starts(tmp_path, mode):
     """The vDSO never faults at a fetch (it cannot be made non-executable), so code
     its functions reach in its other pages must be scanned at start too: every site
     a descent from its exported functions finds, over all its pages, is planted."""
-    from sbe.monitor.image import vdso_entries
+    from sbe.scanner.elfsyms import function_addresses
     from sbe.scanner.region import scan_region
     from test_reversibility import own_vdso
     with open("/proc/self/maps") as f:
         start = next(int(line.split("-")[0], 16) for line in f if line.rstrip().endswith("[vdso]"))
     image = own_vdso()
-    found = scan_region(image + bytes(15), start, start + len(image), vdso_entries(image, start), sweep=False)
+    found = scan_region(image + bytes(15), start, start + len(image), function_addresses(image, start), sweep=False)
     expected = {insn.address - start for insn, _ in found.sites}
     sites = tmp_path / "sites.json"
     result = run_sbe(["/bin/true"], mode=mode, extra=("--no-cache", "--sites-out", str(sites)))
