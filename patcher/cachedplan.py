@@ -46,37 +46,47 @@ def to_record(plan, base: int):
     return (plan.start - base, plan.end - base, rel(plan.before), rel(plan.after), plan.guard)
 
 
+def checked(record) -> bool:
+    """True when every site of a cached page keeps a plan that passes its check."""
+    spans = []
+    for offset, (size, kind, mnemonic, op_str, kept, _) in record.sites.items():
+        if isinstance(kept, str):
+            spans.append((offset, offset + size))
+            continue
+        if kept is None:
+            return False
+        start, end, before, after, guard = kept
+        # A guard's jump and padding must fit before the site, whose bytes it keeps.
+        if guard and (after or not guardable(Insn(offset, size, mnemonic, op_str), kind)
+                      or offset - start < JMP5):
+            return False
+        at = start
+        for o, n, _, _ in (*before, (offset, size, mnemonic, op_str), *after):
+            if o != at or not record.has_start(o):
+                return False
+            at += n
+        if at != end or any(a in record.roots or a in record.targets for a in range(start + 1, end)):
+            return False
+        spans.append((start, end))
+    spans.sort()
+    return not any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
+
+
 def from_record(record, base: int) -> list | None:
     """The plans for every site of a cached page whose mapping starts at `base`, or
     None when one of them has no plan or fails its check."""
-    plans, spans = [], []
+    if not checked(record):
+        return None
+    plans = []
     for offset, (size, kind, mnemonic, op_str, kept, _) in sorted(record.sites.items()):
         site = Insn(base + offset, size, mnemonic, op_str)
         if isinstance(kept, str):
             plans.append(Fallback(site, kind, kept))
-            spans.append((offset, offset + size))
             continue
-        if kept is None:
-            return None
         start, end, before, after, guard = kept
-        # A guard's jump and padding must fit before the site, whose bytes it keeps.
-        if guard and (after or not guardable(site, kind) or offset - start < JMP5):
-            return None
-        insns = (*before, (offset, size, mnemonic, op_str), *after)
-        at = start
-        for o, n, _, _ in insns:
-            if o != at or not record.has_start(o):
-                return None
-            at += n
-        if at != end or any(a in record.roots or a in record.targets for a in range(start + 1, end)):
-            return None
         plans.append(Window(site, kind, base + start, base + end,
                             tuple(Insn(base + o, *rest) for o, *rest in before),
                             tuple(Insn(base + o, *rest) for o, *rest in after), guard))
-        spans.append((start, end))
-    spans.sort()
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
-        return None
     return plans
 
 
@@ -84,7 +94,7 @@ def template_to_record(template):
     """A stub template (a detached Stub) as the cache keeps it."""
     if template is None:
         return None
-    return (template.code.hex(), template.trap, template.resume, template.displaced, template.fields)
+    return (template.code, template.trap, template.resume, template.displaced, template.fields)
 
 
 def templates_of(record) -> list:
@@ -95,5 +105,5 @@ def templates_of(record) -> list:
         if isinstance(kept, tuple) and doc is not None:
             code, trap, resume, displaced, fields = doc
             found.append(((offset, kept[0], kept[1], kept[4]),
-                          Stub(bytes.fromhex(code), trap, resume, displaced, fields)))
+                          Stub(code, trap, resume, displaced, fields)))
     return found

@@ -129,7 +129,7 @@ def _record_image(record):
     window its stub's template. None otherwise: the page is planned afresh. A warm
     run's page thus costs one placement per stub and two writes, not a planting
     per site."""
-    if cachedplan.from_record(record, 0) is None:
+    if not cachedplan.checked(record):
         return None
     templates = dict(cachedplan.templates_of(record))
     entries, size = [], 0
