@@ -252,17 +252,20 @@ class Patcher:
             if defer and record.users and space.program not in record.users:
                 space.deferred[page] = (binding, record)
                 continue
-            state.learn_cached(base, record.starts, {base + r for r in record.roots},
-                               {base + t for t in record.targets}, {base + x for x in record.exits})
+            moved = base.__add__
+            state.learn_cached(base, record.starts, set(map(moved, record.roots)),
+                               set(map(moved, record.targets)), set(map(moved, record.exits)))
             code = space.original(page, PAGE + MAX_INSN)
             near = _near(avoid, page, state)
             planted += self._cached_page(space, binding, offset, record, code, page, state, near, remote)
             pages.append(page)
-        self.insert_branch_targets(space, [root for page in pages for root in space.pages.get(page).roots
-                                           if space.pages.get(page).has_start(root)])
+        entered = {root for page in pages for root in space.pages.get(page).roots
+                   if space.pages.get(page).has_start(root)}
+        self.insert_branch_targets(space, entered)
         # What the cached pages' code enters other pages at, as a scan of them would
         # have recorded: entries of unscanned pages, or extensions of scanned ones.
-        exits = {x for page in pages for x in space.pages.get(page).exits}
+        # Most land on the roots just planted, which need nothing more (_outside).
+        exits = {x for page in pages for x in space.pages.get(page).exits} - entered
         for x in self._outside(space, exits):
             planted += self.scan(space, x, remote, avoid)
         self.costs.pages_cached += len(pages)

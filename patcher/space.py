@@ -142,7 +142,7 @@ class AddressSpace:
                 continue
             base = binding.start
             entry.pages[page - base] = PageRecord(
-                (s - base for s in state.starts), {r - base for r in state.roots},
+                map((-base).__add__, state.starts), {r - base for r in state.roots},
                 {t - base for t in state.targets},
                 {s.address - base: (s.size, s.kind, s.mnemonic, s.op_str, s.plan,
                                     cachedplan.template_to_record(s.template) if s.plan is not None else None)

@@ -363,12 +363,19 @@ size_t sbe_insn_names(char *buf, size_t cap) {
     return used;
 }
 
-/* `known`: sorted. */
+static int by_value(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* `known`: in any order (sorted here: an extension scan of a page hands over the
+ * page's thousand starts, and sorting them in Python cost more than the scan). */
 int sbe_scan(const uint8_t *code, size_t len, uint64_t base, uint64_t end,
              const uint64_t *entries, size_t nentries, const uint64_t *known, size_t nknown,
              int sweep_gaps, const uint8_t *info, size_t ninfo, struct sbe_scan *out) {
     struct scan s = {0};
     struct list pending = {0}, outside = {0}, targets = {0};
+    uint64_t *sorted_known = NULL;
     int rc = -1;
     memset(out, 0, sizeof *out);
     if (sbe_scan_init() || end < base || end - base > ((size_t)1 << 40))
@@ -396,7 +403,13 @@ int sbe_scan(const uint8_t *code, size_t len, uint64_t base, uint64_t end,
         goto done;
     memset(s.site, 0xff, n * sizeof *s.site);
     s.span = n;
-    s.known_all = known;
+    sorted_known = malloc((nknown ? nknown : 1) * sizeof *sorted_known);
+    if (!sorted_known)
+        goto done;
+    if (nknown)
+        memcpy(sorted_known, known, nknown * sizeof *known);
+    qsort(sorted_known, nknown, sizeof *sorted_known, by_value);
+    s.known_all = sorted_known;
     s.nknown = nknown;
     for (size_t i = 0; i < nknown; i++)
         if (known[i] - base < n)
@@ -451,6 +464,7 @@ int sbe_scan(const uint8_t *code, size_t len, uint64_t base, uint64_t end,
     outside.items = NULL;
     rc = 0;
 done:
+    free(sorted_known);
     free(s.state);
     free(s.size);
     free(s.flags);
