@@ -24,7 +24,7 @@ SUBCOMMANDS = {
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser, with only the chosen subcommand's module imported and configured
     (the first word of `argv` that names one): a
-    subcommand's imports (capstone, cffi, pyelftools) cost tens of milliseconds that
+    subcommand's imports (capstone, cffi) cost tens of milliseconds that
     `sbe --help` or another subcommand should not pay."""
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     parser = argparse.ArgumentParser(

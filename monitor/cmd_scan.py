@@ -11,7 +11,6 @@ import json
 import sys
 from collections import Counter
 
-from elftools.common.exceptions import ELFError
 
 from sbe.meta.site import KINDS
 from sbe.monitor.launch import LaunchError, resolve
@@ -38,7 +37,7 @@ def run(args) -> int:
     except LaunchError as e:
         print(f"sbe: {e}", file=sys.stderr)
         return e.status
-    except (ELFError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"sbe: {args.program}: cannot scan: {e}", file=sys.stderr)
         return 2
     if args.kind:

@@ -17,7 +17,7 @@ from sbe.meta.module import parse_maps
 from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
                               PROT_WRITE)
 from sbe.meta.syscalls import SYS
-from sbe.scanner.elfsyms import function_addresses
+from sbe.scanner.elfread import function_addresses
 from sbe.monitor import codecache, remote
 from sbe.patcher import gadget
 

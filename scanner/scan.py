@@ -55,7 +55,7 @@ def native_scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
     try:
         offsets = array("I")
         offsets.frombytes(ffi.buffer(out.starts, 4 * out.nstarts))
-        starts = [base + o for o in offsets]
+        starts = list(map(base.__add__, offsets))
         sizes = dict(zip(starts, bytes(ffi.buffer(out.sizes, out.nstarts))))
         targets = array("Q")
         targets.frombytes(ffi.buffer(out.targets, 8 * out.ntargets))

@@ -106,7 +106,7 @@ def test_the_whole_vdso_is_scanned_before_the_guest_starts(tmp_path, mode):
     """The vDSO never faults at a fetch (it cannot be made non-executable), so code
     its functions reach in its other pages must be scanned at start too: every site
     a descent from its exported functions finds, over all its pages, is planted."""
-    from sbe.scanner.elfsyms import function_addresses
+    from sbe.scanner.elfread import function_addresses
     from sbe.scanner.region import scan_region
     from test_reversibility import own_vdso
     with open("/proc/self/maps") as f:
