@@ -77,3 +77,14 @@ def scan_cache_dir(tmp_path_factory) -> Path:
 def guests() -> Path:
     subprocess.run(["make", "-s", "-C", str(ROOT / "guests"), f"OUT={GUESTS}"], check=True)
     return GUESTS
+
+
+def text_of(path):
+    """The first executable segment of the ELF file at `path`: its bytes, its address,
+    and the entry points sbe scan would start from."""
+    from sbe.scanner.elf import _entry_points
+    from sbe.scanner.elfread import PF_X, PT_LOAD, ElfImage
+    with open(path, "rb") as f:
+        elf = ElfImage(f.read())
+    segment = next(s for s in elf.segments if s.type == PT_LOAD and s.flags & PF_X)
+    return elf.segment_data(segment), segment.vaddr, _entry_points(elf)

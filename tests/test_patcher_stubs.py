@@ -128,16 +128,11 @@ def test_every_stub_of_a_library_moved_is_the_stub_composed_there(library):
     """Placing a template, over the windows planned on real code's page scans: the
     displaced instruction forms and branch operands these libraries have (the side
     cache within reach of the code, as a live one is)."""
-    from elftools.elf.elffile import ELFFile
-
+    from conftest import text_of
     from sbe.patcher.emit import EmitError
-    from sbe.scanner.elf import _entry_points
     from sbe.scanner.scan import scan_page
     from sbe.scanner.window import plan_windows
-    with open(library, "rb") as f:
-        elf = ELFFile(f)
-        segment = next(s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_flags"] & 1)
-        code, base, entries = segment.data(), segment["p_vaddr"], _entry_points(elf)
+    code, base, entries = text_of(library)
     checked = 0
     for page in range(base - base % 4096, base + len(code) - 4096, 4096):
         chunk = code[max(page - base, 0):page - base + 4096 + 15]

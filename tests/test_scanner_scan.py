@@ -6,12 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import text_of
 from sbe.scanner import region, scan
-from sbe.scanner.elf import _entry_points
 
 pytestmark = pytest.mark.skipif(scan.lib is None, reason="scanner/_region_native is not built")
 
@@ -26,13 +25,6 @@ def same(code, base, end, entries, known=frozenset(), sweep=True):
     for name in FIELDS:
         assert getattr(got, name) == getattr(want, name), name
     return want
-
-
-def text_of(path):
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        segment = next(s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_flags"] & 1)
-        return segment.data(), segment["p_vaddr"], _entry_points(elf)
 
 
 @pytest.mark.timeout(120)

@@ -652,18 +652,10 @@ def test_plans_keep_the_invariants_and_match_exhaustive_search(page):
 # -- real code
 
 def libc_pages(every: int):
-    from elftools.elf.constants import P_FLAGS
-    from elftools.elf.elffile import ELFFile
-
-    from sbe.scanner.elf import _entry_points
+    from conftest import text_of
     from sbe.scanner.region import scan_region
 
-    with open(LIBC, "rb") as f:
-        elf = ELFFile(f)
-        entries = _entry_points(elf)
-        segment = next(s for s in elf.iter_segments()
-                       if s["p_type"] == "PT_LOAD" and s["p_flags"] & P_FLAGS.PF_X)
-        data, vaddr = segment.data(), segment["p_vaddr"]
+    data, vaddr, entries = text_of(LIBC)
     first = vaddr // 4096 * 4096
     for page in itertools.islice(range(first, vaddr + len(data), 4096), 0, None, every):
         base, end = max(page, vaddr), min(page + 4096, vaddr + len(data))
