@@ -79,7 +79,7 @@ struct scan {
     uint64_t *target;      /* direct target, valid where flags has SBE_DIRECT */
     int32_t *site;         /* index into sites, or -1 */
     size_t span;           /* bytes the per-offset arrays cover */
-    const uint64_t *known_all;  /* every known start, sorted: those beyond the arrays */
+    const uint64_t *known_all;  /* the known starts beyond the arrays, sorted */
     size_t nknown;
     struct sbe_site *sites;
     size_t nsites, capsites;
@@ -368,8 +368,10 @@ static int by_value(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* `known`: in any order (sorted here: an extension scan of a page hands over the
- * page's thousand starts, and sorting them in Python cost more than the scan). */
+/* `known`: in any order. Those within the arrays go into `s.known`; only the others
+ * are kept, sorted, for known_beyond (an extension scan of a page hands over the
+ * page's thousand starts, all within it: sorting them, in Python before, cost more
+ * than the scan). */
 int sbe_scan(const uint8_t *code, size_t len, uint64_t base, uint64_t end,
              const uint64_t *entries, size_t nentries, const uint64_t *known, size_t nknown,
              int sweep_gaps, const uint8_t *info, size_t ninfo, struct sbe_scan *out) {
@@ -403,14 +405,19 @@ int sbe_scan(const uint8_t *code, size_t len, uint64_t base, uint64_t end,
         goto done;
     memset(s.site, 0xff, n * sizeof *s.site);
     s.span = n;
-    sorted_known = malloc((nknown ? nknown : 1) * sizeof *sorted_known);
+    size_t beyond = 0;
+    for (size_t i = 0; i < nknown; i++)
+        beyond += known[i] - base >= n;
+    sorted_known = malloc((beyond ? beyond : 1) * sizeof *sorted_known);
     if (!sorted_known)
         goto done;
-    if (nknown)
-        memcpy(sorted_known, known, nknown * sizeof *known);
-    qsort(sorted_known, nknown, sizeof *sorted_known, by_value);
+    beyond = 0;
+    for (size_t i = 0; i < nknown; i++)
+        if (known[i] - base >= n)
+            sorted_known[beyond++] = known[i];
+    qsort(sorted_known, beyond, sizeof *sorted_known, by_value);
     s.known_all = sorted_known;
-    s.nknown = nknown;
+    s.nknown = beyond;
     for (size_t i = 0; i < nknown; i++)
         if (known[i] - base < n)
             s.known[known[i] - base] = 1;
