@@ -6,6 +6,7 @@ execute): its first fetch faults, the monitor scans it and only then grants exec
 """
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
 
 from sbe.meta.record import Record
@@ -28,7 +29,7 @@ class PageState(Record):
     learned while it is unscanned (`add_entry`) -> scanned (`learn`, again for each
     extension scan) -> back to unscanned (`reset`: its code changed or its patches
     moved) or untracked (unmapped, made non-executable)."""
-    __slots__ = ("prot", "scanned", "_starts", "_cached", "entries", "roots", "targets", "exits")
+    __slots__ = ("prot", "scanned", "_starts", "_cached", "_known", "entries", "roots", "targets", "exits")
 
     def __init__(self, prot: int, scanned: bool = False, starts=None, entries=None, roots=None,
                  targets=None, exits=None) -> None:
@@ -39,6 +40,7 @@ class PageState(Record):
         # base, the record's sorted offsets). Most cached pages of a warm run are
         # never asked for all of them.
         self._cached: tuple | None = None
+        self._known: array | None = None     # see known_array
         self.entries: set = set() if entries is None else entries   # learned before the page was scanned
         # Every entry a scan started from: control arrives there, so no window may
         # cover one.
@@ -54,6 +56,15 @@ class PageState(Record):
             self._starts.update(map(base.__add__, offsets))
         return self._starts
 
+    def known_array(self) -> array:
+        """The starts as the C scan takes them (an array, in any order, repeats
+        allowed): kept, and extended as scans add starts, since every extension
+        scan of a page hands over all of its thousand, and building the array each
+        time was half of such a scan's cost."""
+        if self._known is None:
+            self._known = array("Q", self.starts)
+        return self._known
+
     def has_start(self, address: int) -> bool:
         """`address in self.starts`, without making the cached starts addresses."""
         if address in self._starts:
@@ -68,6 +79,7 @@ class PageState(Record):
         """A scan cache record of the page (offsets relative to `base`) is applied:
         as `learn` from it, its starts kept as the record has them."""
         self.learn(roots, (), targets, exits)
+        self._known = None
         if self._cached is not None or self._starts:
             self._starts |= set(map(base.__add__, offsets))
         else:
@@ -84,6 +96,8 @@ class PageState(Record):
         self.roots |= entries
         if starts:
             self.starts.update(starts)
+            if self._known is not None:
+                self._known.extend(starts)
         self.targets |= targets
         self.exits |= set(exits)
 
@@ -95,10 +109,11 @@ class PageState(Record):
     def drop_starts(self, false) -> None:
         """Starts a later scan showed to lie inside real instructions."""
         self.starts.difference_update(false)
+        self._known = None
 
     def reset(self) -> None:
         self.scanned = False
-        self._cached = None
+        self._cached = self._known = None
         for learned in (self._starts, self.entries, self.roots, self.targets, self.exits):
             learned.clear()
 

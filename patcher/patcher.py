@@ -207,7 +207,7 @@ class Patcher:
         # Here, not at import: the C scan loads libcapstone (a few ms), and a warm run
         # may scan nothing.
         from sbe.scanner.scan import scan_page
-        result = scan_page(code, page, entries, known=state.starts, sweep=fresh)
+        result = scan_page(code, page, entries, known=state.known_array(), sweep=fresh)
         self.costs.scan_seconds += time.perf_counter() - t0
         if fresh:
             self.costs.pages_scanned += 1

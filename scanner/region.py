@@ -206,7 +206,8 @@ def scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
     """Scan [base, end); `code` is its bytes plus up to 15 more, `code[0]` at `base`.
 
     `known` holds instruction starts an earlier scan of the region reported; they
-    and what follows them are not reported again. Sweeping fills the gaps the
+    and what follows them are not reported again. (A set; any other iterable, such
+    as the array a page state keeps for the C scan, is made one.) Sweeping fills the gaps the
     descent left, where code reached only by indirect branches lives. A gap is swept
     only from the end of an instruction already decoded, so never at `base` (were
     `base` an entry or known start, it would not be in a gap): sweeping from a
@@ -217,6 +218,8 @@ def scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
     again) and in others (`outside`): otherwise a call from swept code would land at
     an offset no scan has decoded, and run unscanned.
     """
+    if not isinstance(known, AbstractSet):
+        known = set(known)
     entries = {e for e in entries if base <= e < end}
     decoded = _Decoded(code, base, known)
     found, outside = _descend(decoded, base, end, entries, known)

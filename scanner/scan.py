@@ -47,7 +47,7 @@ def native_scan_region(code: bytes, base: int, end: int, entries: Iterable[int],
                        known: AbstractSet[int] = frozenset(), sweep: bool = True) -> RegionScan:
     """region.scan_region, in C."""
     wanted = array("Q", (e for e in entries if base <= e < end))
-    earlier = array("Q", known)       # region.c sorts it
+    earlier = known if isinstance(known, array) else array("Q", known)   # any order: region.c sorts
     out = ffi.new("struct sbe_scan *")
     if lib.sbe_scan(code, len(code), base, end, ffi.from_buffer("uint64_t[]", wanted), len(wanted),
                     ffi.from_buffer("uint64_t[]", earlier), len(earlier), sweep, _INFO, len(_INFO), out):
