@@ -7,7 +7,6 @@ execute): its first fetch faults, the monitor scans it and only then grants exec
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left
 
 from sbe.meta.record import Record
 
@@ -36,9 +35,9 @@ class PageState(Record):
         self.prot = prot                        # what the guest asked for (incl. PROT_EXEC)
         self.scanned = scanned
         self._starts: set = set() if starts is None else starts     # instruction starts found so far
-        # Starts a scan cache record gave, not made addresses yet: (the mapping's
-        # base, the record's sorted offsets). Most cached pages of a warm run are
-        # never asked for all of them.
+        # The scan cache record (meta.scancache.PageRecord) whose starts are not made
+        # addresses yet, and the mapping's base its offsets count from: most cached
+        # pages of a warm run are never asked for all their starts.
         self._cached: tuple | None = None
         self._known: array | None = None     # see known_array
         self.entries: set = set() if entries is None else entries   # learned before the page was scanned
@@ -51,9 +50,9 @@ class PageState(Record):
     @property
     def starts(self) -> set:
         if self._cached is not None:
-            base, offsets = self._cached
+            base, record = self._cached
             self._cached = None
-            self._starts.update(map(base.__add__, offsets))
+            self._starts.update(map(base.__add__, record.starts))
         return self._starts
 
     def known_array(self) -> array:
@@ -69,21 +68,19 @@ class PageState(Record):
         """`address in self.starts`, without making the cached starts addresses."""
         if address in self._starts:
             return True
-        if self._cached is None:
-            return False
-        base, offsets = self._cached
-        i = bisect_left(offsets, address - base)
-        return i < len(offsets) and offsets[i] == address - base
+        return self._cached is not None and self._cached[1].has_start(address - self._cached[0])
 
-    def learn_cached(self, base: int, offsets, roots, targets, exits) -> None:
+    def learn_cached(self, base: int, record) -> None:
         """A scan cache record of the page (offsets relative to `base`) is applied:
         as `learn` from it, its starts kept as the record has them."""
-        self.learn(roots, (), targets, exits)
+        moved = base.__add__
+        self.learn(set(map(moved, record.roots)), (), set(map(moved, record.targets)),
+                   set(map(moved, record.exits)))
         self._known = None
         if self._cached is not None or self._starts:
-            self._starts |= set(map(base.__add__, offsets))
+            self._starts.update(map(moved, record.starts))
         else:
-            self._cached = (base, offsets)
+            self._cached = (base, record)
 
     def add_entry(self, address: int) -> None:
         self.entries.add(address)

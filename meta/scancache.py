@@ -28,6 +28,7 @@ import sys
 import time
 from array import array
 from bisect import bisect_left
+
 from sbe.meta.files import replace_atomically
 from sbe.meta.record import Record
 

@@ -52,14 +52,15 @@ CLONE_THREAD = 0x10000
 # What a syscall the kernel will restart returns meanwhile (ERESTARTSYS,
 # ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK), and -ENOSYS: a thread at a
 # syscall's entry stop, whose syscall has yet to run and may be interrupted.
-RESTARTING = frozenset((-512, -513, -514, -516, -errno.ENOSYS))
+# As the registers hold them: unsigned.
+RESTARTING = frozenset(-code & MASK64 for code in (512, 513, 514, 516, errno.ENOSYS))
 
 
 def _may_restart(regs) -> bool:
     """True when the stopped thread's syscall may run again from rip - 2: it is in
     one (orig_rax) that has not finished. A thread at its exec stop, or at the end
     of its syscall, will not go back to the instruction."""
-    return regs.orig_rax & MASK64 != MASK64 and (regs.rax - (1 << 64) if regs.rax >> 63 else regs.rax) in RESTARTING
+    return regs.orig_rax & MASK64 != MASK64 and regs.rax & MASK64 in RESTARTING
 
 
 # How a stopped thread goes on: with `sig` delivered, by `request` (None: the

@@ -26,9 +26,9 @@ import time
 from collections import Counter
 
 from sbe.handlers import cpuid as cpuid_model
-from sbe.meta.record import Record
 from sbe.meta.pagemap import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ,
                               PROT_WRITE, page_of)
+from sbe.meta.record import Record
 from sbe.meta.scancache import Entry
 from sbe.meta.site import Patch, Site
 from sbe.meta.syscalls import SYS
@@ -125,7 +125,7 @@ def _image_of(binding, sites: list[Site]):
 
 def _record_image(record):
     """A cached page's image from its record alone, as _image_of would give it: when
-    every site keeps a plan that passes its check (cachedplan.from_record) and each
+    every site keeps a plan that passes its check (cachedplan.checked) and each
     window its stub's template. None otherwise: the page is planned afresh. A warm
     run's page thus costs one placement per stub and two writes, not a planting
     per site."""
@@ -252,9 +252,7 @@ class Patcher:
             if defer and record.users and space.program not in record.users:
                 space.deferred[page] = (binding, record)
                 continue
-            moved = base.__add__
-            state.learn_cached(base, record.starts, set(map(moved, record.roots)),
-                               set(map(moved, record.targets)), set(map(moved, record.exits)))
+            state.learn_cached(base, record)
             code = space.original(page, PAGE + MAX_INSN)
             near = _near(avoid, page, state)
             planted += self._cached_page(space, binding, offset, record, code, page, state, near, remote)

@@ -8,9 +8,9 @@ vfork children share one space; a forked child gets a copy, at the same addresse
 """
 from __future__ import annotations
 
-from sbe.meta.record import Record
 from sbe.meta.module import ModuleMap, parse_maps
 from sbe.meta.pagemap import PAGE, PageMap
+from sbe.meta.record import Record
 from sbe.meta.scancache import Entry, PageRecord
 from sbe.meta.site import Site, SiteTable
 from sbe.patcher import cachedplan

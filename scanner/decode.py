@@ -10,8 +10,8 @@ nothing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from collections import namedtuple
+from collections.abc import Iterator
 
 
 class Insn(namedtuple("Insn", "address size mnemonic op_str")):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
+
 from sbe.meta.record import Record
 
 from .decode import Insn, decode_from
