@@ -15,8 +15,7 @@ import platform
 import signal
 
 from sbe.meta.syscalls import SYS
-from sbe.monitor.ptrace_api import (PTRACE_O_EXITKILL, PTRACE_O_TRACESECCOMP, PTRACE_SETOPTIONS,
-                                PTRACE_TRACEME, ffi, libc)
+from sbe.monitor.ptrace_api import PTRACE_CONT, PTRACE_SEIZE, TRACE_OPTIONS, ffi, libc
 from sbe.monitor.seccomp import (BPF_RET_K, PR_SET_NO_NEW_PRIVS, SECCOMP_RET_ALLOW,
                              SECCOMP_SET_MODE_FILTER)
 from sbe.monitor.table import emit, format_table
@@ -117,26 +116,19 @@ def _capstone_version() -> str | None:
 
 
 def _check_ptrace() -> tuple[bool, str]:
-    """Trace a child the way the monitor traces a guest: TRACEME, a stop, the options."""
-    pid = _fork(_traceme_and_stop)
-    _, status = os.waitpid(pid, 0)
-    if not os.WIFSTOPPED(status):
-        return False, f"PTRACE_TRACEME: {_describe(_exit_code(status))}"
+    """Trace a child the way the monitor traces a guest: PTRACE_SEIZE with its options."""
+    r, w = os.pipe()
+    pid = _fork(lambda: len(os.read(r, 1)))   # blocks until it is killed
+    os.close(r)
     try:
-        options = ffi.cast("void *", PTRACE_O_TRACESECCOMP | PTRACE_O_EXITKILL)
-        if libc.ptrace(PTRACE_SETOPTIONS, pid, ffi.NULL, options) == -1:
-            return False, f"PTRACE_SETOPTIONS: {_describe(ffi.errno)}"
+        if libc.ptrace(PTRACE_SEIZE, pid, ffi.NULL, ffi.cast("void *", TRACE_OPTIONS)) == -1:
+            return False, f"PTRACE_SEIZE: {_describe(ffi.errno)}"
         return True, ""
     finally:
+        os.close(w)
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-
-
-def _traceme_and_stop() -> int:
-    if libc.ptrace(PTRACE_TRACEME, 0, ffi.NULL, ffi.NULL) == -1:
-        return ffi.errno
-    os.kill(os.getpid(), signal.SIGSTOP)
-    return 0
+        while not _ended(os.waitpid(pid, 0)[1]):
+            libc.ptrace(PTRACE_CONT, pid, ffi.NULL, ffi.NULL)   # its exit stop
 
 
 def _install_allow_all() -> int:
@@ -209,6 +201,10 @@ def _in_child(probe) -> int:
     """probe()'s result, run in a child: 0, an errno, or minus the signal that killed it."""
     _, status = os.waitpid(_fork(probe), 0)
     return _exit_code(status)
+
+
+def _ended(status: int) -> bool:
+    return os.WIFEXITED(status) or os.WIFSIGNALED(status)
 
 
 def _exit_code(status: int) -> int:

@@ -52,7 +52,7 @@ def bind(session, thread, start: int, end: int, path: str) -> list[int]:
     if entry is None:
         return []
     planted, pages = session.patcher.apply_cached(space, binding, entry, session.remote(thread),
-                                                  session.thread_rips(space))
+                                                  session.thread_rips(space), world=session.world(thread))
     session.plant_count(planted)
     log.debug("%s: %d pages from the scan cache", path, len(pages))
     return pages

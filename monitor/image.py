@@ -104,7 +104,7 @@ def scan_vdso(session, space, start: int, end: int, remote) -> None:
     while work:
         entry = work.pop()
         if start <= entry < end:
-            session.plant_count(session.patcher.scan(space, entry, remote, avoid, exclusive=True, fresh=True))
+            session.plant_count(session.patcher.scan(space, entry, remote, avoid, world=lambda: avoid, fresh=True))
         if not work:
             work = sorted((e for page in range(start, end, PAGE) for e in space.pages.get(page).entries),
                           reverse=True)

@@ -5,12 +5,10 @@ before its first instruction.
 from __future__ import annotations
 
 import os
-import signal
 import stat
 
 from sbe.monitor import ptrace_api as pt
 from sbe.monitor import seccomp
-from sbe.monitor.waiting import GuestGone, next_status
 
 ELF_MAGIC = b"\x7fELF"
 EM_X86_64 = 62
@@ -67,22 +65,31 @@ def check_image(path: str, name: str) -> None:
 
 
 def spawn(path: str, argv: list[str]) -> int:
-    """Fork the guest-to-be, stopped at its first exec stop's threshold: it has
-    called PTRACE_TRACEME and stopped itself so the monitor can set options (seccomp's
-    TRACE verdict needs PTRACE_O_TRACESECCOMP set before the filter is used)."""
+    """Fork the guest-to-be and seize it before it runs anything of its own: the child
+    waits on a pipe until it is traced with every option set (seccomp's TRACE verdict
+    needs PTRACE_O_TRACESECCOMP before the filter is used), then installs the filter
+    and execs. Seized, not TRACEME'd: any of its tasks can be stopped at will, and its
+    group-stops are reported as such."""
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: keep to async-signal-safe-ish calls, and never return
         try:
-            pt.traceme()
-            os.kill(os.getpid(), signal.SIGSTOP)
+            os.close(w)
+            if os.read(r, 1) != b"g":
+                os._exit(127)     # the monitor could not trace it, and said so
+            os.close(r)
             seccomp.install()
             os.execv(path, argv)
         except BaseException as e:  # noqa: BLE001 - report and leave, whatever it was
             os.write(2, f"sbe: {argv[0]}: {e}\n".encode())
         os._exit(127)
+    os.close(r)
     try:
-        next_status(pid)
-    except GuestGone:
-        raise LaunchError(f"{argv[0]}: could not start under ptrace", 126) from None
-    pt.setoptions(pid)
+        pt.seize(pid)
+    except pt.PtraceError as e:
+        os.close(w)
+        os.waitpid(pid, 0)
+        raise LaunchError(f"{argv[0]}: could not start under ptrace: {e.strerror}", 126) from None
+    os.write(w, b"g")
+    os.close(w)
     return pid

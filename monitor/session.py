@@ -7,6 +7,9 @@ Stops and their meaning:
 - SIGTRAP at the gadget's `int3`: a syscall run for a site is done; resume after it.
 - seccomp stop: a syscall the monitor must see (hooks), or an escape.
 - fork/vfork/clone/exec events: new tasks and new images.
+- PTRACE_EVENT_STOP (tasks are seized): a new task's first stop, a group-stop (kept
+  with PTRACE_LISTEN, so job control is native), or an interrupt of the monitor's
+  own (a mode switch, a stopped world).
 - anything else: a signal for the guest, delivered as natively, with any gadget
   address in the thread's state translated back to the site it stands for.
 
@@ -20,7 +23,7 @@ import logging
 import os
 import signal
 import time
-from collections import namedtuple
+from collections import deque, namedtuple
 
 from sbe.handlers import cpuid
 from sbe.handlers.dispatch import emulate
@@ -54,6 +57,7 @@ CLONE_THREAD = 0x10000
 # syscall's entry stop, whose syscall has yet to run and may be interrupted.
 # As the registers hold them: unsigned.
 RESTARTING = frozenset(-code & MASK64 for code in (512, 513, 514, 516, errno.ENOSYS))
+STOP_SIGNALS = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
 
 
 def _may_restart(regs) -> bool:
@@ -74,7 +78,7 @@ GadgetReturn = namedtuple("GadgetReturn", "site restart resume")
 
 class Thread:
     __slots__ = ("tid", "space", "gadget", "post", "pending_signals", "fresh", "frames",
-                 "signal_handlers")
+                 "signal_handlers", "exiting", "vforking")
 
     def __init__(self, tid: int, space: AddressSpace | None, signal_handlers: dict | None = None) -> None:
         self.tid = tid
@@ -82,7 +86,9 @@ class Thread:
         self.gadget: GadgetReturn | None = None
         self.post = None             # hook to run at the syscall-exit stop
         self.pending_signals: list[int] = []
-        self.fresh = True            # its first stop (SIGSTOP of a new task) is ours
+        self.fresh = True            # its first stop (a new task's PTRACE_EVENT_STOP) is ours
+        self.exiting = False         # past its exit stop: it runs no guest code again
+        self.vforking = False        # waits for a vfork child: it cannot stop meanwhile
         self.frames: list = []       # signal frames shown a translated view (sigframe.py)
         # signal -> handler address (rt_sigaction), shared by the threads of a process
         self.signal_handlers = signal_handlers if signal_handlers is not None else {}
@@ -99,8 +105,11 @@ class Session:
         self.mode = mode
         self.switch_requested = False
         self.switches: list[str] = []
-        self.kicks = 0                            # SIGSTOPs sent to get a guest task to stop
         self.threads: dict[int, Thread] = {}
+        # Stops a stopped world collected (tid, status), handled before the next wait;
+        # their tasks stay stopped until then.
+        self.queue: deque = deque()
+        self.parked: set[int] = set()
         self.early: dict[int, int] = {}           # stops of new tasks, ahead of their parent's event
         self.stats = Stats()
         self.cpu = cpuid.HOST
@@ -124,7 +133,6 @@ class Session:
         self.threads[pid] = thread
         self.stats.processes = 1
         self.stats.threads = 1
-        pt.resume(pid)
         return pid
 
     def run(self) -> int:
@@ -148,11 +156,15 @@ class Session:
 
     def loop(self) -> None:
         while self.threads:
-            try:
-                tid, status = os.waitpid(-1, pt.WALL)
-            except ChildProcessError:
-                break
-            self.stats.stops += 1
+            if self.queue:
+                tid, status = self.queue.popleft()
+                self.parked.discard(tid)
+            else:
+                try:
+                    tid, status = os.waitpid(-1, pt.WALL)
+                except ChildProcessError:
+                    break
+                self.stats.stops += 1
             thread = self.threads.get(tid)
             if thread is None:
                 if os.WIFSTOPPED(status):
@@ -183,6 +195,10 @@ class Session:
                 sig = thread.pending_signals.pop(0)
             request = self.RESUME_REQUEST
         pt.resume(thread.tid, sig, request)
+        if self.switch_requested:
+            # Another trap may have taken the place of the interrupt a switch asked
+            # for (any stop clears a pending one): ask again until one arrives.
+            pt.interrupt(thread.tid)
 
     def reap(self, thread: Thread, status: int) -> None:
         del self.threads[thread.tid]
@@ -227,7 +243,7 @@ class Session:
         sig = os.WSTOPSIG(status)
         event = status >> 16
         if event:
-            return self.on_event(thread, event)
+            return self.on_event(thread, event, sig)
         if sig == SIGTRAP_SYSCALL:
             post, thread.post = thread.post, None
             if post is not None:
@@ -235,27 +251,38 @@ class Session:
             return Resume()
         if sig == signal.SIGTRAP:
             return self.on_sigtrap(thread)
-        if sig == signal.SIGSTOP and thread.fresh:
-            thread.fresh = False
-            return Resume()
-        if sig == signal.SIGSTOP and self.kicks:
-            # The stop a mode switch asked for: at an instruction boundary, not at
-            # a trap the old plant caused.
-            self.kicks -= 1
-            if self.switch_requested:
-                self.switch_modes(thread)
-            return Resume()
         if sig == signal.SIGSEGV and thread.space is not None:
             return self.on_sigsegv(thread)
         return self.deliver(thread, sig)
 
-    def on_event(self, thread: Thread, event: int) -> Resume | None:
+    def on_event(self, thread: Thread, event: int, sig: int) -> Resume | None:
         if event == pt.PTRACE_EVENT_SECCOMP:
             return self.on_seccomp(thread)
+        if event == pt.PTRACE_EVENT_STOP:
+            return self.on_event_stop(thread, sig)
         if event == pt.PTRACE_EVENT_EXEC:
             return self.on_exec(thread)
         if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
             return self.on_new_task(thread, event)
+        if event == pt.PTRACE_EVENT_EXIT:
+            thread.exiting = True
+        elif event == pt.PTRACE_EVENT_VFORK_DONE:
+            thread.vforking = False
+        return Resume()
+
+    def on_event_stop(self, thread: Thread, sig: int) -> Resume:
+        """A new task's first stop, a group-stop, or an interrupt: the monitor's own
+        (a mode switch asked for, a world stopped), or a group-stop's end that
+        PTRACE_LISTEN waited for."""
+        thread.fresh = False
+        if sig in STOP_SIGNALS:
+            # The task stays stopped until a SIGCONT, and its parent sees it stopped,
+            # as natively.
+            return Resume(request=pt.PTRACE_LISTEN)
+        if self.switch_requested and thread.space is not None:
+            # An interrupt stops a task at an instruction boundary, never at a trap
+            # of the old plant.
+            self.switch_modes(thread)
         return Resume()
 
     # -- images and tasks ------------------------------------------------------
@@ -278,6 +305,7 @@ class Session:
 
     def on_new_task(self, parent: Thread, event: int) -> Resume:
         child_tid = pt.geteventmsg(parent.tid)
+        parent.vforking = event == pt.PTRACE_EVENT_VFORK
         regs = pt.getregs(parent.tid)
         flags = 0
         if event == pt.PTRACE_EVENT_CLONE:
@@ -376,7 +404,7 @@ class Session:
         seen it, and let the guest's branch stubs go there without a trap from now on."""
         if not space.knows(target):
             self.plant_count(self.patcher.scan(space, target, self.remote(thread), self.thread_rips(space),
-                                               exclusive=len(space.users) == 1))
+                                               world=self.world(thread)))
         state = space.pages.get(target)
         if state is not None:
             if target not in state.roots:
@@ -392,8 +420,8 @@ class Session:
         return call
 
     def thread_rips(self, space: AddressSpace) -> frozenset:
-        """Where the threads of `space` stand (or will restart a syscall): no new
-        window may hold these strictly inside."""
+        """Where the threads of `space` stand (or will restart a syscall, or will
+        leave the stub they are in): no new window may hold these strictly inside."""
         rips = set()
         for t in self.threads.values():
             if t.space is space:
@@ -407,33 +435,69 @@ class Session:
                 rips.add(rip)
                 if _may_restart(regs):
                     rips.add(rip - 2)
+                if rip in (gadget.PATCH, gadget.PATCH_RET):
+                    # In the gadget for a stub: it returns into that stub.
+                    rip = int.from_bytes(space.mem.read_upto(regs.rsp, 8).ljust(8, b"\0"), "little")
+                site = space.site_of_stub(rip)
+                if site is not None:
+                    rips.update((site.address, site.end, site.patch.window_end))
         return frozenset(rips)
 
+    def stop_world(self, thread: Thread) -> frozenset:
+        """Stop every other task of `thread`'s address space, so that windows can be
+        written into pages that already run (atomicity); returns where all of them
+        stand (thread_rips). Each task's stop is kept, to be handled by the loop
+        before its next wait: a task stays stopped until then. Tasks that cannot run
+        guest code are left alone: a new task before its first stop, a vfork parent
+        (it could not stop until its child execs or ends), a task on its way out."""
+        space = thread.space
+        others = [t for t in self.threads.values()
+                  if t.space is space and t is not thread and t.tid not in self.parked
+                  and not (t.fresh or t.exiting or t.vforking)]
+        stopping = []
+        for t in others:
+            try:
+                pt.interrupt(t.tid)
+                stopping.append(t.tid)
+            except pt.PtraceError:
+                continue      # gone already: its end is still to come through waitpid
+        for tid in stopping:
+            try:
+                _, status = os.waitpid(tid, pt.WALL)
+            except ChildProcessError:
+                continue
+            self.stats.stops += 1
+            self.queue.append((tid, status))
+            self.parked.add(tid)
+        if stopping:
+            self.stats.world_stops += 1
+        return self.thread_rips(space)
+
+    def world(self, thread: Thread):
+        """The patcher's way to stop `thread`'s world, called only when it is about
+        to write into pages that already run."""
+        return lambda: self.stop_world(thread)
+
     def request_switch(self) -> None:
-        """Ask for a mode switch (from a signal handler): it happens at the guest's
-        next stop, which a SIGSTOP (swallowed by the monitor) brings about at once."""
+        """Ask for a mode switch (from a signal handler): it happens at a guest
+        task's next interrupt stop, asked for at once."""
         self.switch_requested = True
-        for tid in list(self.threads):
-            if self.threads[tid].space is not None:
+        for tid, t in list(self.threads.items()):
+            if t.space is not None and not t.exiting:
                 try:
-                    os.kill(tid, signal.SIGSTOP)
-                    self.kicks += 1
-                except OSError:
+                    pt.interrupt(tid)
+                except pt.PtraceError:
                     continue
                 break
 
     def switch_modes(self, thread: Thread) -> None:
-        """Re-plant every site of this thread's address space in the other mode.
-        Needs every thread of the space stopped: with one thread it is, at its stop."""
+        """Re-plant every site of this thread's address space in the other mode,
+        with every thread of the space stopped."""
         space = thread.space
         self.switch_requested = False
-        if space is None or len(space.users) != 1:
-            log.warning("mode switch skipped: it needs every thread stopped, and this "
-                        "address space has %d", len(space.users) if space else 0)
-            return
         new = "emulate" if self.mode == "patch" else "patch"
         self.mode = new
-        count = self.patcher.replant(space, new, self.thread_rips(space), self.remote(thread))
+        count = self.patcher.replant(space, new, self.stop_world(thread), self.remote(thread))
         self.switches.append(new)
         log.info("switched to %s mode: %d sites re-planted", new, count)
 
@@ -463,14 +527,14 @@ class Session:
             space.executed.add(page_of(addr))
             if page_of(addr) in space.deferred:
                 self.plant_count(self.patcher.apply_deferred(space, page_of(addr), self.remote(thread),
-                                                             self.thread_rips(space)))
+                                                             self.thread_rips(space), self.world(thread)))
             entry = regs.rip
             if page_of(regs.rip) != page_of(addr):
                 # An instruction straddling into this page: its end is the entry here.
                 insn = next(decode_from(space.original(regs.rip, 16), regs.rip, regs.rip), None)
                 entry = regs.rip + insn.size if insn else page_of(addr)
             self.plant_count(self.patcher.scan(space, entry, self.remote(thread), self.thread_rips(space),
-                                               exclusive=len(space.users) == 1, fresh=True))
+                                               world=self.world(thread), fresh=True))
             # Planting elsewhere may have flushed a full side cache, and with it this
             # page: then it stays non-executable, and faults (and is scanned) again.
             if space.pages.get(addr) is not None and space.pages.get(addr).scanned:
@@ -488,7 +552,7 @@ class Session:
                 and info.si_code == SEGV_ACCERR and not fetch):
             # A write to code the guest mapped writable: its patches go, it is
             # rescanned at its next fetch.
-            self.patcher.invalidate(space, addr, addr + 1, untrack=False)
+            self.patcher.invalidate(space, addr, addr + 1, untrack=False, world=self.world(thread))
             self.protect(thread, page_of(addr), state.prot & ~PROT_EXEC)
             return Resume()
         return self.deliver(thread, signal.SIGSEGV)
@@ -508,16 +572,18 @@ class Session:
             self.stats.planted[site.kind] += 1
             self.stats.strategies[site.strategy] += 1
 
-    def learn_entry(self, space: AddressSpace, address: int) -> None:
+    def learn_entry(self, thread: Thread, address: int) -> None:
         """An address execution will reach by a way the scan could not follow
         (a signal handler, an escape): scan it before it runs."""
+        space = thread.space
         state = space.pages.get(address)
         if state is None:
             return
         if not state.scanned:
             space.pages.add_entry(address)
         elif not space.knows(address):
-            self.plant_count(self.patcher.scan(space, address))
+            self.plant_count(self.patcher.scan(space, address, self.remote(thread), self.thread_rips(space),
+                                               world=self.world(thread)))
 
     # -- syscalls --------------------------------------------------------------
     def on_seccomp(self, thread: Thread) -> Resume:
@@ -550,7 +616,7 @@ class Session:
         self.stats.escape_sites.append((module, offset, name))
         log.warning("escape: %s at %s+%#x", name, os.path.basename(module), offset)
         if not space.overlaps(insn_at):
-            self.learn_entry(space, insn_at)
+            self.learn_entry(thread, insn_at)
         return native64
 
     def deliver(self, thread: Thread, sig: int) -> Resume:

@@ -13,8 +13,8 @@ from sbe.patcher.patcher import PatchCosts
 
 class Stats(Record):
     __slots__ = ("planted", "strategies", "traps", "escapes", "escape_sites", "stops", "trap_seconds",
-                 "fault_seconds", "faults", "remote_syscalls", "syscall_stops", "processes", "threads",
-                 "wall_seconds", "switches", "patching")
+                 "fault_seconds", "faults", "remote_syscalls", "syscall_stops", "world_stops", "processes",
+                 "threads", "wall_seconds", "switches", "patching")
 
     def __init__(self) -> None:
         self.planted: Counter = Counter()      # kind -> sites
@@ -28,6 +28,7 @@ class Stats(Record):
         self.faults = 0
         self.remote_syscalls = 0
         self.syscall_stops = 0
+        self.world_stops = 0                   # times other threads were stopped to patch
         self.processes = 0
         self.threads = 0
         self.wall_seconds = 0.0
@@ -53,6 +54,7 @@ class Stats(Record):
             "swept_insns": self.patching.swept,
             "remote_syscalls": self.remote_syscalls,
             "syscall_stops": self.syscall_stops,
+            "world_stops": self.world_stops,
             "processes": self.processes,
             "threads": self.threads,
             "wall_s": round(self.wall_seconds, 4),
@@ -77,7 +79,8 @@ class Stats(Record):
                      f"({self.patching.swept} insns by linear sweep); from the scan cache: "
                      f"{self.patching.pages_cached}")
         lines.append(f"  monitor cost per site trap: {d['trap_us']} us; per fetch fault: {d['fault_us']} us")
-        lines.append(f"  ptrace stops: {self.stops} (syscall stops {self.syscall_stops}, remote syscalls {self.remote_syscalls})")
+        lines.append(f"  ptrace stops: {self.stops} (syscall stops {self.syscall_stops}, remote syscalls {self.remote_syscalls}, "
+                     f"worlds stopped to patch {self.world_stops})")
         if self.patching.fallbacks:
             lines.append("  int3 in patch mode: " + ", ".join(f"{v} {k}" for k, v in self.patching.fallbacks.most_common()))
         lines.append(f"  stub generation: {d['stub_ms']} ms; side cache flushes: {self.patching.flushes}; "

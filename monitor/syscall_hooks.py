@@ -52,7 +52,7 @@ def mprotect(session, thread, regs):
     start, length, prot = regs.rdi, _span(regs.rsi), regs.rdx
     space = thread.space
     # The guest may be about to write: the original bytes go back first.
-    session.patcher.invalidate(space, start, start + length, untrack=False)
+    session.patcher.invalidate(space, start, start + length, untrack=False, world=session.world(thread))
     if not prot & PROT_EXEC and not space.pages.tracked_in(start, start + length):
         return None
     if prot & PROT_EXEC:
@@ -85,7 +85,7 @@ def mremap(session, thread, regs):
     space = thread.space
     moved = space.pages.tracked_in(old, old + old_len)
     prot = space.pages.get(moved[0]).prot if moved else 0
-    session.patcher.invalidate(space, old, old + old_len, untrack=False)
+    session.patcher.invalidate(space, old, old + old_len, untrack=False, world=session.world(thread))
 
     def post(out):
         space.maps_changed()
@@ -108,9 +108,9 @@ def rt_sigaction(session, thread, regs):
             restorer = int.from_bytes(raw[16:24], "little")
             thread.signal_handlers[regs.rdi] = handler
             if handler > SIG_IGN:
-                session.learn_entry(thread.space, handler)
+                session.learn_entry(thread, handler)
             if flags & SA_RESTORER and restorer:
-                session.learn_entry(thread.space, restorer)
+                session.learn_entry(thread, restorer)
     return None
 
 
@@ -124,6 +124,7 @@ def rt_sigreturn(session, thread, regs):
     # frame returns to it.
     site = thread.space.sites.get(sigframe.frame_rip(thread.space, regs.rsp))
     if site is not None and site.patch is not None and site.patch.guarded:
+        session.stop_world(thread)
         session.patcher.demote(thread.space, site, "a signal returned to it")
     return None
 

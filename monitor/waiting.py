@@ -28,11 +28,15 @@ class GuestGone(Exception):
 
 
 def next_status(tid: int) -> int:
-    """The task's next stop; GuestGone if it ended instead."""
-    _, status = os.waitpid(tid, pt.WALL)
-    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-        raise GuestGone(tid, status)
-    return status
+    """The task's next stop; GuestGone if it ended instead (its exit stop, which
+    SIGKILL or its group's exit brings while the monitor works on it, is passed)."""
+    while True:
+        _, status = os.waitpid(tid, pt.WALL)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise GuestGone(tid, status)
+        if status >> 16 != pt.PTRACE_EVENT_EXIT:
+            return status
+        pt.resume(tid)
 
 
 def is_trap(status: int) -> bool:
@@ -61,6 +65,10 @@ def reap_killed(tids) -> None:
     for tid in tids:
         try:
             while True:
+                try:
+                    pt.resume(tid)    # stopped (its exit stop taken already): on it goes
+                except pt.PtraceError:
+                    pass              # running, or gone
                 next_status(tid)
         except (GuestGone, ChildProcessError):
             pass

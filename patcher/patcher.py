@@ -162,15 +162,16 @@ class Patcher:
 
     # -- scanning and planting -------------------------------------------------
     def scan(self, space: AddressSpace, address: int, remote=None, avoid: frozenset = frozenset(),
-             exclusive: bool = False, fresh: bool = False) -> list[Site]:
+             world=None, fresh: bool = False) -> list[Site]:
         """Scan (or extend the scan of) the page holding `address`, from `address`
         and the entries learned for that page; plant what it finds. Entries found
         for other pages are recorded there, or extend those pages if already scanned.
         `remote`: syscalls in a stopped thread of the space, to map side caches with
         (without it, sites that would need a new cache stay `int3`).
         `avoid`: addresses no new window may hold strictly inside (threads' rips).
-        `exclusive`: every thread of the space is stopped, so windows may be written
-        even in pages that already run. `fresh`: the page of `address` may be scanned
+        `world`: stops every other thread of the space and returns where all of them
+        stand (a superset of `avoid`), called before anything is written into pages
+        that already run; without it, sites found there stay `int3`. `fresh`: the page of `address` may be scanned
         for the first time, because the caller makes it executable (a fetch fault;
         the vDSO, which always is). Any other page not scanned yet only learns the
         entry: it is not executable, so it faults, and is scanned, before it runs
@@ -188,15 +189,17 @@ class Patcher:
                 continue
             inside = space.window_around(target)
             if inside is not None:
+                if world is not None:
+                    avoid = avoid | world()
                 self.demote(space, inside, "branch target inside window")
             if state.scanned and state.has_start(target):
                 continue
-            planted, outside = self._scan_one(space, target, state, remote, avoid, exclusive)
+            planted, outside = self._scan_one(space, target, state, remote, avoid, world)
             new_sites += planted
             work += self._outside(space, outside)
         return new_sites
 
-    def _scan_one(self, space, target, state, remote, avoid, exclusive) -> tuple[list[Site], list[int]]:
+    def _scan_one(self, space, target, state, remote, avoid, world) -> tuple[list[Site], list[int]]:
         """One page's scan from `target`: the sites planted, and the entries it found
         in other pages."""
         page = page_of(target)
@@ -212,12 +215,14 @@ class Patcher:
         if fresh:
             self.costs.pages_scanned += 1
         else:
-            self._drop_false_sites(space, state, result.sizes)
+            self._drop_false_sites(space, state, result.sizes, world)
         state.learn(entries, result.starts, result.targets, result.outside)
         self.costs.swept += result.swept
         space.learned(page)
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
-        plans = self._plans(space, code, page, state, found, avoid, fresh or exclusive)
+        if found and not fresh and space.mode == "patch" and world is not None:
+            avoid = avoid | world()       # the page runs: every thread stopped first
+        plans = self._plans(space, code, page, state, found, avoid, fresh or world is not None)
         near, binding = _near(avoid, page, state), space.binding_of(page)
         return [self.plant(space, plan, code, page, remote, near, binding) for plan in plans], result.outside
 
@@ -232,7 +237,8 @@ class Patcher:
         return [Fallback(i, k, reason) for i, k in found]
 
     def apply_cached(self, space: AddressSpace, binding, entry, remote=None,
-                     avoid: frozenset = frozenset(), defer: bool = True) -> tuple[list[Site], list[int]]:
+                     avoid: frozenset = frozenset(), defer: bool = True,
+                     world=None) -> tuple[list[Site], list[int]]:
         """Plant what a scan cache entry knows of the mapping `binding` names, whose
         bytes (as mapped, no patch yet) are the ones the entry was made from, and
         whose pages no thread can be running: each cached page is then as its scans
@@ -265,14 +271,14 @@ class Patcher:
         # Most land on the roots just planted, which need nothing more (_outside).
         exits = {x for page in pages for x in space.pages.get(page).exits} - entered
         for x in self._outside(space, exits):
-            planted += self.scan(space, x, remote, avoid)
+            planted += self.scan(space, x, remote, avoid, world)
         self.costs.pages_cached += len(pages)
         # A page a side cache's flush sent back to unscanned meanwhile is not one to
         # make executable: it is scanned again at its first fetch.
         return planted, [page for page in pages if space.pages.get(page).scanned]
 
     def apply_deferred(self, space: AddressSpace, page: int, remote=None,
-                       avoid: frozenset = frozenset()) -> list[Site]:
+                       avoid: frozenset = frozenset(), world=None) -> list[Site]:
         """A deferred cached page at its first fetch: planted as apply_cached would
         have (it is still non-executable), and scanned further from the entries
         other pages' code gave it meanwhile. Returns the sites planted."""
@@ -283,10 +289,10 @@ class Patcher:
         pending = set(state.entries)
         offset = page - binding.start
         one = Entry(binding.key, binding.path, binding.end - binding.start, {offset: record})
-        planted, _ = self.apply_cached(space, binding, one, remote, avoid, defer=False)
+        planted, _ = self.apply_cached(space, binding, one, remote, avoid, defer=False, world=world)
         space.learned(page)          # this program runs it: saved with its tag
         for entry in sorted(pending):
-            planted += self.scan(space, entry, remote, avoid)
+            planted += self.scan(space, entry, remote, avoid, world)
         return planted
 
     @staticmethod
@@ -313,7 +319,7 @@ class Patcher:
                 other.add_entry(out)
         return more
 
-    def _drop_false_sites(self, space, state, sizes: dict) -> None:
+    def _drop_false_sites(self, space, state, sizes: dict, world) -> None:
         """An extension scan starts where execution really goes, so its decoding is
         ground truth: an earlier start (and site) strictly inside one of its
         instructions came from decoding out of step (a call's fall-through into
@@ -325,6 +331,8 @@ class Patcher:
         if not false:
             return
         state.drop_starts(false)
+        if world is not None and any(space.sites.get(a) is not None for a in false):
+            world()
         for address in false:
             site = space.sites.get(address)
             if site is not None:
@@ -618,11 +626,12 @@ class Patcher:
 
     # -- undoing ---------------------------------------------------------------
     def invalidate(self, space: AddressSpace, start: int, end: int, untrack: bool,
-                   bytes_change: bool = True) -> int:
+                   bytes_change: bool = True, world=None) -> int:
         """Undo the patches of every tracked page in [start, end) before the guest
         changes or drops it; the pages go back to unscanned (or are forgotten).
         `bytes_change`: False when only the patches move (a side cache retired), so
-        what was learned there stays the mapping's."""
+        what was learned there stays the mapping's. `world`: as for scan, when
+        other threads may be running the pages."""
         if bytes_change:
             space.unbind(start, end)
         pages = space.pages.tracked_in(page_of(start), end)
@@ -632,6 +641,9 @@ class Patcher:
         dropped = False
         for site in space.sites.in_range(lo - MAX_WINDOW, hi + MAX_WINDOW):
             if page_of(site.address) in pages:
+                if world is not None and site.patch is not None:   # windows: more than a byte
+                    world()
+                    world = None
                 try:
                     self.unplant(space, site)
                 except OSError:
