@@ -2,6 +2,7 @@
 status as natively, in both modes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,6 +76,36 @@ def test_threads_stress_patch_mode(guests):
     for i in range(50):
         virt = run_sbe(argv, mode="patch", timeout=60)
         assert (virt.stdout, virt.status) == (native.stdout, native.status), f"run {i}"
+
+
+@pytest.mark.timeout(600)
+def test_late_sites_in_a_threaded_guest_get_windows(guests, tmp_path):
+    """Five threads share the address space when an extension scan finds late_work's
+    syscall, cpuid and rdtsc in a page that already runs: with every thread stopped
+    they get windows (jmp5), not traps. 50 runs on an empty scan cache (a warm one
+    would plant them at start), each with native output."""
+    prog = guests / "latecode"
+    argv = [str(prog), "2000"]
+    native = run_cmd(argv)
+    offset = late_work_offset(prog)
+    sites = tmp_path / "sites.json"
+    for i in range(50):
+        virt = run_sbe(argv, mode="patch", extra=["--no-cache", "--sites-out", str(sites)], timeout=60)
+        assert (virt.stdout, virt.status) == (native.stdout, native.status), f"run {i}"
+        rows = json.loads(sites.read_text())["sites"]
+        late = {r["kind"]: r["strategy"] for r in rows
+                if r["module"] == os.path.realpath(prog) and offset <= r["offset"] < offset + 64}
+        assert late == {"syscall": "jmp5", "cpuid": "jmp5", "rdtsc": "jmp5"}, f"run {i}"
+        assert not [r for r in rows if r["reason"] == "found after its page ran"], f"run {i}"
+
+
+def late_work_offset(prog) -> int:
+    """late_work's offset in the file (a local symbol; its virtual address equals
+    its offset from the start of the mapping in this PIE)."""
+    from elftools.elf.elffile import ELFFile
+    with open(prog, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        return next(s["st_value"] for s in symtab.iter_symbols() if s.name == "late_work")
 
 
 @pytest.mark.timeout(60)

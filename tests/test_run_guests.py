@@ -14,7 +14,7 @@ SAMPLE_GUESTS = [
     ("libc_static", []), ("libc_dynamic", []), ("exit3", []), ("segv", []),
     ("escape", []), ("sigsegv_handler", []), ("threads", ["2000"]), ("pagerace", []), ("forkwait", []),
     ("vforkexec", []), ("alarm", []), ("altstack", []), ("restart", []), ("rtsig", []),
-    ("cancel", []), ("sigcontext", []),
+    ("cancel", []), ("sigcontext", []), ("jobstop", []), ("latecode", ["2000"]),
 ]
 
 

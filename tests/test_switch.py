@@ -14,8 +14,11 @@ from conftest import ROOT, run_cmd, sbe_argv
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("first", ["patch", "emulate"])
-def test_switch_twice_while_running(guests, tmp_path, first):
-    prog = str(guests / "phases")
+@pytest.mark.parametrize("name", ["phases", "threadphases"])
+def test_switch_twice_while_running(guests, tmp_path, first, name):
+    """threadphases: four threads run sites all the while, so each switch stops them
+    all to re-plant."""
+    prog = str(guests / name)
     native = run_cmd([prog], stdin=b"\n\n")
     stats = tmp_path / "stats.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
