@@ -53,6 +53,20 @@ def cell_text(res: dict, workload: str, runner: str, ratio: bool = False) -> str
     return f"MISMATCH ({text})" if st == "mismatch" else text
 
 
+def _traps_table(res: dict, runners: list[str]) -> list[str]:
+    """Site traps per run (median) of sbe's runners: what the monitor still does."""
+    runners = [r for r in runners if any("median_traps" in c for c in res["cells"].values()
+                                         if c["runner"] == r)]
+    if not runners:
+        return []
+    lines = ["| workload | " + " | ".join(runners) + " |", "|---|" + "---:|" * len(runners)]
+    for w in res["workloads"]:
+        cells = [_cell(res, w["name"], r) or {} for r in runners]
+        lines.append(f"| {w['name']} | " + " | ".join(
+            f"{c['median_traps']:,.0f}" if "median_traps" in c else "–" for c in cells) + " |")
+    return lines
+
+
 def _table(res: dict, runners: list[str], ratio: bool) -> list[str]:
     lines = ["| workload | " + " | ".join(runners) + " |",
              "|---|" + "---:|" * len(runners)]
@@ -254,6 +268,9 @@ def render(res: dict, chart_name: str | None = None) -> str:
         "## Median seconds", "", *_table(res, runners, ratio=False), "",
         "## Ratio to native", "", *_table(res, runners, ratio=True), "",
     ]
+    traps = _traps_table(res, runners)
+    if traps:
+        lines += ["## Site traps per run (median; `--stats-json`)", "", *traps, ""]
     if chart_name:
         lines += ["## Start-up", "", f"![start-up times]({chart_name})", ""]
     lines += ["## Acceptance targets", ""]

@@ -139,10 +139,12 @@ def machine_info(sbe_root: Path) -> dict:
     }
 
 
-def measure(argv, repeat, timeout, env, cwd, ref=None, warmup=0) -> tuple[dict, tuple | None]:
+def measure(argv, repeat, timeout, env, cwd, ref=None, warmup=0,
+            stats: str | None = None) -> tuple[dict, tuple | None]:
     """Run one cell.  ref: the native (stdout, status) to check against, if any;
-    warmup: runs first that are not counted."""
-    times, statuses = [], []
+    warmup: runs first that are not counted; stats: the file each run of sbe writes
+    its statistics to (whose site traps each counted run adds to the cell)."""
+    times, statuses, traps = [], [], []
     cell = {"status": "ok", "reason": "", "argv": argv}
     for _ in range(warmup):
         try:
@@ -160,6 +162,10 @@ def measure(argv, repeat, timeout, env, cwd, ref=None, warmup=0) -> tuple[dict, 
             break
         times.append(r.seconds)
         statuses.append(r.status)
+        if stats is not None and os.path.exists(stats):
+            with open(stats) as f:
+                traps.append(json.load(f)["site_traps"])
+            os.unlink(stats)
         ref = ref or (r.stdout, r.status)
         if (r.stdout, r.status) != ref:
             what = "stdout differs" if r.stdout != ref[0] else ""
@@ -170,6 +176,8 @@ def measure(argv, repeat, timeout, env, cwd, ref=None, warmup=0) -> tuple[dict, 
             break
     cell.update(times=times, exit_statuses=statuses,
                 median=statistics.median(times) if times else None)
+    if traps:
+        cell.update(traps=traps, median_traps=statistics.median(traps))
     return cell, ref
 
 
@@ -234,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                                              "reason": "no native reference"}
                     continue
                 print(f"{w.name:10} {r.name:9} ", end="", flush=True)
-                cell, ref_out = measure([*r.prefix, *w.argv], args.repeat, args.timeout, env, cwd, ref,
-                                        r.warmup)
+                stats = os.path.join(tmp, "stats.json") if r.is_sbe else None
+                cell, ref_out = measure(r.argv(w.argv, stats), args.repeat, args.timeout, env, cwd, ref,
+                                        r.warmup, stats)
                 if r.name == "native":
                     if cell["status"] == "ok" and cell["exit_statuses"][0] != 0:
                         cell.update(status="n/a", short="native failed",
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed |= cell["status"] == "mismatch"
                 results["cells"][key] = {**base, **cell}
                 shown = f"{cell['median']:.3f} s" if cell["median"] is not None else ""
+                if "median_traps" in cell:
+                    shown += f", {cell['median_traps']:.0f} traps"
                 print(f"{cell['status']:8} {shown} {cell['reason']}".rstrip(), flush=True)
 
     out = Path(args.out)

@@ -38,6 +38,16 @@ class Runner:
     about: str
     warmup: int = 0        # runs of each cell before the counted ones
 
+    @property
+    def is_sbe(self) -> bool:
+        """sbe's runners end in `run ... --`, where `--stats-json FILE` can go."""
+        return self.prefix[-1:] == ["--"] and "run" in self.prefix
+
+    def argv(self, workload: list[str], stats: str | None = None) -> list[str]:
+        if stats is None or not self.is_sbe:
+            return [*self.prefix, *workload]
+        return [*self.prefix[:-1], "--stats-json", stats, "--", *workload]
+
 
 def make_runners(sbe_root: Path = REPO) -> list[Runner]:
     return [

@@ -12,6 +12,7 @@ from runners import REPO
 
 GUEST_SRC = REPO / "guests" / "bench"
 GUEST_OUT = REPO / "build" / "guests" / "bench"
+SAMPLE_OUT = REPO / "build" / "guests"
 DATA_MIB = 20
 
 # name, what it stresses (native sizes are for an idle ~3 GHz x86-64 core)
@@ -25,7 +26,7 @@ GUESTS = [
     ("startup", "returns 0 at once: start-up and exit cost"),
 ]
 PY_CODE = "print(sum(i * i for i in range(25_000_000)))"
-NAMES = [g for g, _ in GUESTS] + ["ls", "sha256sum", "python3", "true", "python3-pass", "sh50", "gcc"]
+NAMES = [g for g, _ in GUESTS] + ["threads", "ls", "sha256sum", "python3", "true", "python3-pass", "sh50", "gcc"]
 # A small translation unit for `gcc -O2 -c`: driver, cc1 and as, three programs.
 GCC_SOURCE = """#include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +52,9 @@ class Workload:
 
 def build_guests() -> None:
     subprocess.run(["make", "-s", "-C", str(GUEST_SRC), f"OUT={GUEST_OUT}"], check=True)
+    # The threads row runs a sample guest of the test suite's.
+    subprocess.run(["make", "-s", "-C", str(REPO / "guests"), f"OUT={SAMPLE_OUT}", str(SAMPLE_OUT / "latecode")],
+                   check=True)
 
 
 def _which(prog: str) -> str:
@@ -82,6 +86,9 @@ def all_workloads(tmp: Path) -> list[Workload]:
     out = [Workload(name, [str(GUEST_OUT / name)], about) for name, about in GUESTS]
     data = make_data(tmp)
     out += [
+        Workload("threads", [str(SAMPLE_OUT / "latecode"), "200000"],
+                 "guests/latecode 200000: 4 threads calling syscall, cpuid, rdtsc and an indirect "
+                 "call into code first reached after the threads start"),
         Workload("ls", [_which("ls"), "-l", "/usr/bin"], "ls -l /usr/bin (LC_ALL=C)"),
         Workload("sha256sum", [_which("sha256sum"), str(data)],
                  f"sha256sum of a {DATA_MIB} MiB file"),
