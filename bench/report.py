@@ -163,6 +163,9 @@ STARTUP_TARGETS = [
     ("python3-pass", "patch", 0.5, 1, None),
     ("sh50", "patch", 0.04, 52, "valgrind"),   # sh, seq and 50 true
 ]
+# The steady-state targets: patch / native, each less its own `startup` median.
+STEADY_TARGETS = [("branchy", 1.1), ("calls", 1.05), ("syscalls", 1.5), ("rdtsc", 1.3),
+                  ("mixed", 1.1), ("python3", 1.3)]
 # What the start-up chart shows, in this order.
 CHART_WORKLOADS = ["true", "ls", "python3-pass", "sh50", "gcc"]
 CHART_RUNNERS = ["native", "patch", "patch-cold", "strace", "valgrind", "qemu"]
@@ -178,7 +181,62 @@ def acceptance(res: dict) -> list[tuple[str, str]]:
             if (s := seconds(res, w["name"], "native")) and s[0] > 0.5]
     out += [_patch_vs_peers(res, w) for w in long]
     out += [_startup_target(res, *target) for target in STARTUP_TARGETS if target[0] in names]
+    out += [_steady_target(res, w, limit) for w, limit in STEADY_TARGETS if w in names and "startup" in names]
+    out += [t for kind in res.get("stubs", {}) for t in _stub_targets(res, kind)]
     return out
+
+
+def _steady_work(res: dict, workload: str, runner: str) -> float | None:
+    """The runner's median on `workload` less its own `startup` median."""
+    t, s = seconds(res, workload, runner), seconds(res, "startup", runner)
+    return None if t is None or s is None or t[1] else max(t[0] - s[0], 0.0)
+
+
+def _steady_target(res: dict, workload: str, limit: float) -> tuple[str, str]:
+    what = f"patch within {limit}x of native on {workload}, start-up subtracted"
+    nat, pat = _steady_work(res, workload, "native"), _steady_work(res, workload, "patch")
+    if nat is None or pat is None or not nat:
+        return "n/a", f"{what}: {_why(res, workload, 'patch')}"
+    ratio = pat / nat
+    return ("PASS" if ratio <= limit else "FAIL"), f"{what}: {pat:.3f} s / {nat:.3f} s = {ratio:.2f}x"
+
+
+def _stub_targets(res: dict, kind: str) -> list[tuple[str, str]]:
+    row = res["stubs"][kind]["runners"]
+    added, absolute = res["stubs"][kind]["targets"]
+    nat, pat = (row.get(r, {}).get("ns") for r in ("native", "patch"))
+    out = []
+    if added is not None:
+        what = f"a {kind} site costs patch <= {added} ns more than native"
+        out.append(("n/a", f"{what}: {_stub_why(row)}") if nat is None or pat is None else
+                   ("PASS" if pat - nat <= added else "FAIL", f"{what}: {pat:.1f} - {nat:.1f} = {pat - nat:.1f} ns"))
+    if absolute is not None:
+        what = f"a {kind} site costs patch <= {absolute} ns"
+        out.append(("n/a", f"{what}: {_stub_why(row)}") if pat is None else
+                   ("PASS" if pat <= absolute else "FAIL", f"{what}: {pat:.1f} ns (native {nat:.1f} ns)"
+                    if nat is not None else f"{what}: {pat:.1f} ns"))
+    return out
+
+
+def _stub_why(row: dict) -> str:
+    return "; ".join(f"{r} {c['status']} {c['reason']}".strip() for r, c in row.items() if c["ns"] is None) or "n/a"
+
+
+def stub_table(res: dict) -> list[str]:
+    """ns per site of each kind: native, patch, and what patch adds."""
+    rows = res.get("stubs")
+    if not rows:
+        return []
+    lines = ["| site kind | loops | native ns | patch ns | added ns | patch traps |", "|---|---:|---:|---:|---:|---:|"]
+    for kind, entry in rows.items():
+        row = entry["runners"]
+        nat, pat = (row.get(r, {}).get("ns") for r in ("native", "patch"))
+        traps = row.get("patch", {}).get("traps")
+        fmt = lambda v: "–" if v is None else f"{v:.1f}"
+        lines.append(f"| {kind} | {entry['n']:,} | {fmt(nat)} | {fmt(pat)} | "
+                     f"{fmt(None if nat is None or pat is None else pat - nat)} | "
+                     f"{'–' if traps is None else f'{traps:,.0f}'} |")
+    return lines
 
 
 def chart(res: dict, path) -> str | None:
@@ -227,8 +285,7 @@ def steady_state(res: dict) -> list[str]:
     runners = [r["name"] for r in res["runners"]]
 
     def work(w, r):
-        t, s = seconds(res, w, r), seconds(res, "startup", r)
-        return None if t is None or s is None or t[1] else max(t[0] - s[0], 0.0)
+        return _steady_work(res, w, r)
 
     lines = ["| workload | " + " | ".join(runners) + " |", "|---|" + "---:|" * len(runners)]
     for w in res["workloads"]:
@@ -271,6 +328,10 @@ def render(res: dict, chart_name: str | None = None) -> str:
     traps = _traps_table(res, runners)
     if traps:
         lines += ["## Site traps per run (median; `--stats-json`)", "", *traps, ""]
+    stubs = stub_table(res)
+    if stubs:
+        lines += ["## What one site costs (ns; guests/bench/stubs, (t(N) - t(0)) / N, medians)", "",
+                  *stubs, ""]
     if chart_name:
         lines += ["## Start-up", "", f"![start-up times]({chart_name})", ""]
     lines += ["## Acceptance targets", ""]

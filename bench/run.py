@@ -181,6 +181,37 @@ def measure(argv, repeat, timeout, env, cwd, ref=None, warmup=0,
     return cell, ref
 
 
+def stub_costs(args, runners, env, cwd, tmp) -> tuple[dict, bool]:
+    """The per-stub table: for each site kind, guests/bench/stubs KIND N and KIND 0
+    under native and warm patch; (t(N) - t(0)) / N is what one site costs, start-up
+    and exit left out. Returns {kind: {n, targets, runners: {runner: cell}}} and
+    whether a run mismatched."""
+    stubs = str(wl.GUEST_OUT / "stubs")
+    out, failed = {}, False
+    for kind, n, added, absolute in wl.STUB_KINDS:
+        refs = {}
+        out[kind] = {"n": n, "targets": (added, absolute), "runners": {}}
+        for r in runners:
+            cells = []
+            for count in (n, 0):
+                argv = [stubs, kind, str(count)]
+                print(f"stubs      {r.name:9} {kind} {count}: ", end="", flush=True)
+                stats = os.path.join(tmp, "stats.json") if r.is_sbe else None
+                cell, refs[count] = measure(r.argv(argv, stats), args.repeat, args.timeout, env, cwd,
+                                            refs.get(count), r.warmup if count else 0, stats)
+                print(f"{cell['status']} {cell['median'] or 0:.3f} s {cell['reason']}".rstrip(), flush=True)
+                cells.append(cell)
+            full, empty = cells
+            ok = full["status"] == empty["status"] == "ok"
+            failed |= "mismatch" in (full["status"], empty["status"])
+            out[kind]["runners"][r.name] = {
+                "status": "ok" if ok else (full["status"] if full["status"] != "ok" else empty["status"]),
+                "reason": full["reason"] or empty["reason"], "full": full, "empty": empty,
+                "ns": (full["median"] - empty["median"]) / n * 1e9 if ok else None,
+                "traps": full.get("median_traps")}
+    return out, failed
+
+
 def raw_path(out: Path) -> Path:
     """Where a report's raw times go: results.json for the default report, so one
     report's numbers never overwrite another's."""
@@ -257,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
                 if "median_traps" in cell:
                     shown += f", {cell['median_traps']:.0f} traps"
                 print(f"{cell['status']:8} {shown} {cell['reason']}".rstrip(), flush=True)
+
+        stub_runners = [r for r in all_runners if r.name in ("native", "patch")
+                        and not unavailable.get(r.name) and (r.name == "native" or selected(args, r.name, "stubs"))]
+        if any(r.name == "patch" for r in stub_runners):
+            results["stubs"], stub_failed = stub_costs(args, stub_runners, env, cwd, tmp)
+            failed |= stub_failed
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

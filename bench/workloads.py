@@ -26,7 +26,17 @@ GUESTS = [
     ("startup", "returns 0 at once: start-up and exit cost"),
 ]
 PY_CODE = "print(sum(i * i for i in range(25_000_000)))"
-NAMES = [g for g, _ in GUESTS] + ["threads", "ls", "sha256sum", "python3", "true", "python3-pass", "sh50", "gcc"]
+# The per-stub table: (site kind, loop count, target of added ns per site or None,
+# target of absolute ns per site or None); see guests/bench/stubs.c.
+STUB_KINDS = [
+    ("syscall", 10_000_000, 60, None),
+    ("rdtsc", 10_000_000, 5, None),
+    ("rdtscp", 10_000_000, 5, None),
+    ("cpuid", 1_000_000, None, 30),     # natively a VM exit (~1 us): 10^6 is plenty
+    ("call", 10_000_000, None, None),
+    ("jmp", 10_000_000, None, None),
+]
+NAMES = [g for g, _ in GUESTS] + ["stubs", "threads", "ls", "sha256sum", "python3", "true", "python3-pass", "sh50", "gcc"]
 # A small translation unit for `gcc -O2 -c`: driver, cc1 and as, three programs.
 GCC_SOURCE = """#include <stdio.h>
 #include <stdlib.h>
