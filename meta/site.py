@@ -17,10 +17,12 @@ KINDS = ("syscall", "cpuid", "rdtsc", "rdtscp", "pkru", "privileged", "branch")
 STRATEGIES = ("int3", "jmp5")
 
 
-class Patch(namedtuple("Patch", "window_start window_end window_bytes stub stub_size trap resume displaced guarded",
-                       defaults=(0, 0, (), False))):
+class Patch(namedtuple("Patch", "window_start window_end window_bytes stub stub_size trap resume displaced guarded "
+                       "island island_bytes", defaults=(0, 0, (), False, 0, b""))):
     """What a jmp5 site's patch is now: the window [window_start, window_end) its
-    5-byte jump overwrites, the original bytes there, and the stub it lands on;
+    5-byte jump overwrites (or its `jmp rel8` to the `island`, whose 5 bytes of
+    padding, `island_bytes` originally, hold the 5-byte jump), the original bytes
+    there, and the stub it lands on;
     `trap`, the stub's int3 ("emulate the site here"), if it has one; `resume`,
     where the stub goes on after that trap (0: the handler decides); `displaced`,
     (stub address, original address) of each displaced instruction; `guarded`, the
@@ -91,15 +93,20 @@ class Site(Record):
             "hits": self.hits,
             "window_start": patch.window_start if patch else 0,
             "window_end": patch.window_end if patch else 0,
+            "island": patch.island if patch else 0,
             "stub": patch.stub if patch else 0,
         }
 
     @property
-    def patched_span(self) -> tuple[int, bytes]:
-        """Where the patch lies and the original bytes under it."""
-        if self.patch is not None:
-            return self.patch.window_start, self.patch.window_bytes
-        return self.address, self.original[:1]
+    def patched_spans(self) -> tuple[tuple[int, bytes], ...]:
+        """Where the patch lies and the original bytes under it: the window, and the
+        island if it has one."""
+        patch = self.patch
+        if patch is None:
+            return ((self.address, self.original[:1]),)
+        if patch.island:
+            return (patch.window_start, patch.window_bytes), (patch.island, patch.island_bytes)
+        return ((patch.window_start, patch.window_bytes),)
 
     def twin(self) -> "Site":
         """A copy for a forked child (whose memory holds the same patches), slot by

@@ -6,8 +6,11 @@ and where; `save` replaces the file in one rename so a reader never sees half of
 
 Layout (JSON, one site per line so the file greps and diffs by site):
 
-    {"format": "sbe-sites", "version": 1, "program": [argv...], "mode": "emulate"|"patch",
+    {"format": "sbe-sites", "version": 2, "program": [argv...], "mode": "emulate"|"patch",
      "sites": [row, ...]}
+
+Version 2 added the row field `island`; a version 1 file reads as if each row had
+`"island": 0` (version 1 had no islands).
 
 A row is `Site.to_record()` plus `"pid"`, the process the site was in: a site is keyed
 by its address only within one address space, and a run may span several.
@@ -21,7 +24,8 @@ from sbe.meta.files import replace_atomically
 from sbe.meta.site import KINDS, STRATEGIES
 
 FORMAT = "sbe-sites"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 MODES = ("emulate", "patch")
 
 # Row fields and their JSON types, in the order tools print them (the CSV column order).
@@ -39,8 +43,11 @@ FIELDS = {
     "hits": int,
     "window_start": int,
     "window_end": int,
+    "island": int,
     "stub": int,
 }
+# Fields later versions added: the version each came in, and its value before.
+ADDED = {"island": (2, 0)}
 
 # What bytes.hex() writes: at least one byte, no separators (fromhex would allow spaces).
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
@@ -79,6 +86,10 @@ def load(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise SitesFileError(f"{path}: not JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
     _check(doc, path)
+    for name, (version, value) in ADDED.items():
+        if doc["version"] < version:
+            for row in doc["sites"]:
+                row[name] = value
     return doc
 
 
@@ -96,8 +107,8 @@ def _doc_problem(doc) -> str:
     if doc["format"] != FORMAT:
         return f"not a sites file (format is {doc['format']!r}, expected {FORMAT!r})"
     version = doc.get("version")
-    if version != VERSION or not _is_int(version):
-        return f"unsupported version {version!r} (this sbe reads version {VERSION})"
+    if version not in READS or not _is_int(version):
+        return f"unsupported version {version!r} (this sbe reads versions {', '.join(map(str, READS))})"
     program = doc.get("program")
     if not isinstance(program, list) or not all(isinstance(a, str) for a in program):
         return "'program' must be a list of strings"
@@ -107,16 +118,18 @@ def _doc_problem(doc) -> str:
     if not isinstance(sites, list):
         return f"'sites' must be a list, not {_json_type(sites)}"
     for number, row in enumerate(sites, 1):
-        problem = _row_problem(row)
+        problem = _row_problem(row, version)
         if problem:
             return f"row {number} of {len(sites)}: {problem}"
     return ""
 
 
-def _row_problem(row) -> str:
+def _row_problem(row, version: int) -> str:
     if not isinstance(row, dict):
         return f"is {_json_type(row)}, not an object"
     for name, kind in FIELDS.items():
+        if name in ADDED and version < ADDED[name][0]:
+            continue
         if name not in row:
             return f"missing field {name!r}"
         value = row[name]

@@ -96,7 +96,10 @@ def _table(rows: list[dict]) -> str:
             cells.insert(0, r["pid"])
         if with_stub:
             jmp5 = r["strategy"] == "jmp5"
-            cells += [f"{r['window_start']:#x}-{r['window_end']:#x}" if jmp5 else "",
+            window = f"{r['window_start']:#x}-{r['window_end']:#x}" if jmp5 else ""
+            if jmp5 and r["island"]:
+                window += f" via {r['island']:#x}"
+            cells += [window,
                       f"{r['stub']:#x}" if jmp5 else ""]
         if with_reason:
             cells.append(r["reason"])

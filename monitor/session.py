@@ -421,7 +421,8 @@ class Session:
 
     def thread_rips(self, space: AddressSpace) -> frozenset:
         """Where the threads of `space` stand (or will restart a syscall, or will
-        leave the stub they are in): no new window may hold these strictly inside."""
+        leave the stub they are in): no new window may hold these strictly inside.
+        A thread on an island is moved back to its site first (sigframe.leave_island)."""
         rips = set()
         for t in self.threads.values():
             if t.space is space:
@@ -431,6 +432,7 @@ class Session:
                     regs = pt.getregs(t.tid)
                 except pt.PtraceError:
                     continue   # running: it is not inside a page being planted
+                sigframe.leave_island(t.tid, space, regs)
                 rip = regs.rip
                 rips.add(rip)
                 if _may_restart(regs):

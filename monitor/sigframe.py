@@ -8,7 +8,7 @@ the thread at the handler's first instruction with the frame built, and the fram
 ucontext gets the guest's view: rip at the site (or after it), rsp above the stub's
 red-zone skip. At rt_sigreturn the real values go back, unless the handler changed
 them itself. A fault raised by a displaced instruction is shown at the instruction's
-original address.
+original address. A thread on a site's island is moved back to the site first.
 
 Known gaps: a thread inside a stub of a site that was since re-planted elsewhere (a
 mode switch, a cache flush) is shown as it is.
@@ -70,10 +70,25 @@ def walk_out(thread, space) -> None:
         run_until(thread, pt.PTRACE_SINGLESTEP, is_trap)
 
 
+def leave_island(tid: int, space, regs) -> bool:
+    """A thread on a site's island (it ran the site's `jmp rel8` and nothing else)
+    goes back to the site, where its state is the same: a handler then sees the
+    site's address, and restoring the island cannot leave the thread in padding.
+    Returns True when it moved."""
+    site = space.island_site(regs.rip)
+    if site is None:
+        return False
+    regs.rip = site.address
+    pt.setregs(tid, regs)
+    return True
+
+
 def deliver_translated(thread, space, sig: int) -> bool:
     """Deliver `sig` with a translated frame if the thread stands in side-cache code.
     Returns False when nothing needed translating (the caller delivers as usual)."""
     regs = pt.getregs(thread.tid)
+    if leave_island(thread.tid, space, regs):
+        return False
     if not (space.in_cache(regs.rip) or regs.rip in (gadget.PATCH, gadget.PATCH_RET)):
         return False
     if sig not in SYNCHRONOUS:

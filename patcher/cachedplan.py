@@ -5,8 +5,8 @@ Planning a page's windows decodes the neighbours of every site again (thousands 
 capstone calls for a process's libc), yet a plan is a function of the page's bytes
 and of what its scans knew, which is exactly what a cache entry is keyed by and
 holds. So each site's record keeps the plan it was planted from: its window (start,
-end, the displaced instructions before and after it, whether the site is guarded)
-or the reason it stays a trap.
+end, the displaced instructions before and after it, whether the site is guarded,
+its island) or the reason it stays a trap.
 
 Only plans that are such a function are kept: a trap because of the mode, the
 policy, a thread standing nearby or a side cache that could not be had is not, and a
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from sbe.patcher.emit import Stub
 from sbe.scanner.decode import Insn
-from sbe.scanner.window import JMP5, REASONS, Fallback, Window, guardable
+from sbe.meta.pagemap import page_of
+from sbe.scanner.window import JMP2, JMP5, REASONS, Fallback, Window, guardable
 
 
 def keepable(plan, avoid) -> object:
@@ -43,7 +44,8 @@ def to_record(plan, base: int):
         return plan.reason
     def rel(insns):
         return tuple((i.address - base, i.size, i.mnemonic, i.op_str) for i in insns)
-    return (plan.start - base, plan.end - base, rel(plan.before), rel(plan.after), plan.guard)
+    return (plan.start - base, plan.end - base, rel(plan.before), rel(plan.after), plan.guard,
+            plan.island and plan.island - base)
 
 
 def checked(record) -> bool:
@@ -55,11 +57,21 @@ def checked(record) -> bool:
             continue
         if kept is None:
             return False
-        start, end, before, after, guard = kept
+        start, end, before, after, guard, island = kept
         # A guard's jump and padding must fit before the site, whose bytes it keeps.
         if guard and (after or not guardable(Insn(offset, size, mnemonic, op_str), kind)
                       or offset - start < JMP5):
             return False
+        if island:
+            # The window is the site alone, its island in the same page within
+            # `jmp rel8` reach, with no landing point known there but its first byte,
+            # and that one only as a terminator's end (see scanner.window._island).
+            if (guard or before or after or page_of(island) != page_of(offset)
+                    or page_of(island + JMP5 - 1) != page_of(offset)
+                    or not -128 <= island - (offset + JMP2) < 128 or island in record.roots
+                    or any(a in record.roots or a in record.targets for a in range(island + 1, island + JMP5))):
+                return False
+            spans.append((island, island + JMP5))
         at = start
         for o, n, _, _ in (*before, (offset, size, mnemonic, op_str), *after):
             if o != at or not record.has_start(o):
@@ -83,10 +95,11 @@ def from_record(record, base: int) -> list | None:
         if isinstance(kept, str):
             plans.append(Fallback(site, kind, kept))
             continue
-        start, end, before, after, guard = kept
+        start, end, before, after, guard, island = kept
         plans.append(Window(site, kind, base + start, base + end,
                             tuple(Insn(base + o, *rest) for o, *rest in before),
-                            tuple(Insn(base + o, *rest) for o, *rest in after), guard))
+                            tuple(Insn(base + o, *rest) for o, *rest in after), guard,
+                            island and base + island))
     return plans
 
 

@@ -14,10 +14,11 @@ stopped thread of that space, as rr's Monkeypatcher is handed AutoRemoteSyscalls
 - re-plant every site in the other mode (a live mode switch);
 - restore every patch, leaving code byte-identical to the unpatched image.
 
-Atomicity: a `jmp5` window is written only while its page is non-executable (its
-first scan: no thread can be running it), or with every thread of the space stopped
-and none inside the window (a mode switch). Sites found later in a page that already
-runs get an `int3`: a one-byte store is atomic.
+Atomicity: a `jmp5` window (and its island, if it jumps to one) is written only
+while its page is non-executable (its first scan: no thread can be running it), or
+with every thread of the space stopped and none inside the window or on the island.
+Otherwise a site found later in a page that already runs gets an `int3`: a one-byte
+store is atomic.
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ from sbe.meta.syscalls import SYS
 from sbe.patcher import cachedplan, gadget, stubs
 from sbe.patcher.emit import EmitError, compose, detached, placed
 from sbe.patcher.sidecache import SideCache, find_gap
-from sbe.patcher.space import MAX_WINDOW, AddressSpace
+from sbe.patcher.space import PATCH_REACH, AddressSpace
 from sbe.scanner.decode import Insn
-from sbe.scanner.window import Fallback, Window, plan_windows
+from sbe.scanner.window import JMP5, Fallback, Window, plan_windows
 from sbe.scanner.x86 import MAX_INSN
 
 INT3 = b"\xcc"
@@ -82,7 +83,8 @@ def shifted(plan, delta: int):
     if isinstance(plan, Fallback):
         return Fallback(move(plan.site), plan.kind, plan.reason)
     return Window(move(plan.site), plan.kind, plan.start + delta, plan.end + delta,
-                  tuple(map(move, plan.before)), tuple(map(move, plan.after)), plan.guard)
+                  tuple(map(move, plan.before)), tuple(map(move, plan.after)), plan.guard,
+                  plan.island and plan.island + delta)
 
 
 def _slot(target: int) -> int:
@@ -90,11 +92,24 @@ def _slot(target: int) -> int:
     return 8 * (target % stubs.BRANCH_TABLE_SLOTS)
 
 
-def _window_bytes(start: int, end: int, site: int, guard: bool, stub: int) -> bytes:
-    """What a window [start, end) gets: the jump to its stub, then int3 padding up
-    to the window's end, or to the site when the site is guarded (it keeps its own
-    bytes)."""
-    return stubs.jmp5(start, stub) + INT3 * ((site if guard else end) - start - 5)
+def _window_bytes(start: int, end: int, site: int, guard: bool, stub: int, island: int = 0) -> bytes:
+    """What a window [start, end) gets: the jump to its stub (or to its island),
+    then int3 padding up to the window's end, or to the site when the site is
+    guarded (it keeps its own bytes)."""
+    jump = stubs.jmp2(start, island) if island else stubs.jmp5(start, stub)
+    return jump + INT3 * ((site if guard else end) - start - len(jump))
+
+
+def _patch_of(plan, code: bytes, base: int, stub_at: int, stub) -> Patch:
+    """The Patch of a window planted from `plan` (start, end, guard, island) over
+    `code` (the original bytes from `base` on), with `stub` placed at `stub_at`."""
+    start, end, guard, island = plan
+    return Patch(start, end, code[start - base:end - base], stub_at, len(stub.code),
+                 trap=stub_at + stub.trap if stub.trap is not None else 0,
+                 resume=stub_at + stub.resume if stub.resume is not None else 0,
+                 displaced=tuple((stub_at + o, original) for o, original in stub.displaced),
+                 guarded=guard, island=island,
+                 island_bytes=code[island - base:island - base + JMP5] if island else b"")
 
 
 def _near(avoid: frozenset, page: int, state) -> frozenset:
@@ -231,8 +246,9 @@ class Patcher:
         """How to patch the sites `found` in a page whose state is `state`: windows
         where the mode asks for them and they may be written, traps otherwise."""
         if space.mode == "patch" and may_write_windows:
-            targets = state.targets | state.roots | avoid
-            return plan_windows(code, page, page + PAGE, state.starts, found, targets)
+            arrivals = state.roots | avoid
+            return plan_windows(code, page, page + PAGE, state.starts, found, state.targets | arrivals,
+                                arrivals=arrivals)
         reason = "emulate mode" if space.mode == "emulate" else "found after its page ran"
         return [Fallback(i, k, reason) for i, k in found]
 
@@ -394,14 +410,12 @@ class Patcher:
                 if stub is None:
                     return None
                 blob.append(stub.code)
-                start, end = base + plan[0], base + plan[1]
-                written = _window_bytes(start, end, address, plan[4], stub_at)
+                start, end, island = base + plan[0], base + plan[1], plan[5] and base + plan[5]
+                written = _window_bytes(start, end, address, plan[4], stub_at, island)
                 patched[start - page:start - page + len(written)] = written
-                site.patch = Patch(start, end, code[start - page:end - page], stub_at, len(stub.code),
-                                   trap=stub_at + stub.trap if stub.trap is not None else 0,
-                                   resume=stub_at + stub.resume if stub.resume is not None else 0,
-                                   displaced=tuple((stub_at + o, original) for o, original in stub.displaced),
-                                   guarded=plan[4])
+                if island:
+                    patched[island - page:island - page + JMP5] = stubs.jmp5(island, stub_at)
+                site.patch = _patch_of((start, end, plan[4], island), code, page, stub_at, stub)
             sites.append(site)
         if size:
             space.mem.write(cache.take(size), b"".join(blob))
@@ -459,7 +473,7 @@ class Patcher:
             site.reason = "forced to emulate"
         else:
             try:
-                self._plant_jmp5(space, site, plan, code[plan.start - base:plan.end - base], remote, binding)
+                self._plant_jmp5(space, site, plan, code, base, remote, binding)
                 return site
             except EmitError as e:
                 site.reason = str(e)
@@ -468,21 +482,23 @@ class Patcher:
         space.sites.add(site)
         return site
 
-    def _plant_jmp5(self, space, site: Site, window, window_bytes: bytes, remote, binding) -> None:
+    def _plant_jmp5(self, space, site: Site, window, code: bytes, base: int, remote, binding) -> None:
         t0 = time.perf_counter()
-        cache = self.cache_for(space, window.start, window.end, remote)
+        window_bytes = code[window.start - base:window.end - base]
+        island = window.island or window.start
+        cache = self.cache_for(space, min(window.start, island), max(window.end, island + JMP5), remote)
         stub, template = self._stub(space, site, window, window_bytes, cache, binding)
         if not cache.room(len(stub.code)):
             raise EmitError("side cache full")
         site.template = template
         at = cache.take(len(stub.code))
         space.mem.write(at, stub.code)
-        site.patch = Patch(
-            window.start, window.end, window_bytes, at, len(stub.code),
-            trap=at + stub.trap if stub.trap is not None else 0,
-            resume=at + stub.resume if stub.resume is not None else 0,
-            displaced=tuple((at + off, orig) for off, orig in stub.displaced), guarded=window.guard)
-        space.mem.write(window.start, _window_bytes(window.start, window.end, window.site.address, window.guard, at))
+        site.patch = _patch_of((window.start, window.end, window.guard, window.island), code, base, at, stub)
+        if window.island:
+            # The island first: until the site's jump is written, nothing goes there.
+            space.mem.write(window.island, stubs.jmp5(window.island, at))
+        space.mem.write(window.start, _window_bytes(window.start, window.end, window.site.address,
+                                                    window.guard, at, window.island))
         space.sites.add(site)
         self.costs.stub_seconds += time.perf_counter() - t0
 
@@ -521,8 +537,8 @@ class Patcher:
     def unplant(self, space: AddressSpace, site: Site) -> None:
         """Put the original bytes back under the site's patch (the site stays in the
         table; its caller decides what it becomes)."""
-        start, raw = site.patched_span
-        space.mem.write(start, raw)
+        for start, raw in site.patched_spans:
+            space.mem.write(start, raw)
 
     def demote(self, space: AddressSpace, site: Site, reason: str) -> None:
         """Turn a jmp5 site back into a trap: something will run inside its window."""
@@ -639,7 +655,7 @@ class Patcher:
             return 0
         lo, hi = pages[0], pages[-1] + PAGE
         dropped = False
-        for site in space.sites.in_range(lo - MAX_WINDOW, hi + MAX_WINDOW):
+        for site in space.sites.in_range(lo - PATCH_REACH, hi + PATCH_REACH):
             if page_of(site.address) in pages:
                 if world is not None and site.patch is not None:   # windows: more than a byte
                     world()
@@ -682,8 +698,9 @@ class Patcher:
             code = space.original(page, PAGE + MAX_INSN)
             found = [(Insn(s.address, s.size, s.mnemonic, s.op_str), s.kind) for s in old]
             if mode == "patch" and state is not None:
-                targets = state.targets | state.roots | avoid
-                plans = plan_windows(code, page, page + PAGE, state.starts, found, targets)
+                arrivals = state.roots | avoid
+                plans = plan_windows(code, page, page + PAGE, state.starts, found, state.targets | arrivals,
+                                     arrivals=arrivals)
             else:
                 plans = [Fallback(i, k, "emulate mode") for i, k in found]
             hits = {s.address: s.hits for s in old}

@@ -16,9 +16,12 @@ from sbe.meta.site import Site, SiteTable
 from sbe.patcher import cachedplan
 from sbe.patcher.sidecache import SideCache
 from sbe.scanner.decode import decode_from
+from sbe.scanner.window import ISLAND_REACH, JMP5
 from sbe.scanner.x86 import MAX_INSN
 
-MAX_WINDOW = 2 * MAX_INSN
+# The farthest from its site a patch writes: a window spans the site and its
+# displaced neighbours; an island lies within `jmp rel8` reach.
+PATCH_REACH = max(2 * MAX_INSN, ISLAND_REACH)
 
 
 class Binding(Record):
@@ -85,12 +88,12 @@ class AddressSpace:
     def original(self, address: int, size: int) -> bytes:
         """Guest bytes with every patch in the range undone."""
         data = bytearray(self.mem.read_upto(address, size))
-        for site in self.sites.in_range(address - MAX_WINDOW, address + len(data) + MAX_WINDOW):
-            start, raw = site.patched_span
-            for i, b in enumerate(raw):
-                j = start + i - address
-                if 0 <= j < len(data):
-                    data[j] = b
+        for site in self.sites.in_range(address - PATCH_REACH, address + len(data) + PATCH_REACH):
+            for start, raw in site.patched_spans:
+                for i, b in enumerate(raw):
+                    j = start + i - address
+                    if 0 <= j < len(data):
+                        data[j] = b
         return bytes(data)
 
     # -- what is known ---------------------------------------------------------
@@ -163,15 +166,25 @@ class AddressSpace:
 
     # -- windows ---------------------------------------------------------------
     def window_starting_at(self, address: int) -> Site | None:
-        for site in self.sites.in_range(address, address + MAX_WINDOW):
+        for site in self.sites.in_range(address, address + PATCH_REACH):
             if site.patch is not None and site.patch.window_start == address:
                 return site
         return None
 
     def window_around(self, address: int) -> Site | None:
-        """The jmp5 site whose window holds `address` strictly inside, if any."""
-        for site in self.sites.in_range(address - MAX_WINDOW, address + MAX_WINDOW):
+        """The jmp5 site whose window holds `address` strictly inside, or whose island
+        holds it at all (code landing there would run the jump to the stub), if any."""
+        for site in self.sites.in_range(address - PATCH_REACH, address + PATCH_REACH):
             patch = site.patch
-            if patch is not None and patch.window_start < address < patch.window_end:
+            if patch is not None and (patch.window_start < address < patch.window_end
+                                      or 0 < patch.island <= address < patch.island + JMP5):
+                return site
+        return None
+
+    def island_site(self, address: int) -> Site | None:
+        """The site whose island starts at `address`: a thread standing there has run
+        the site's `jmp rel8` and nothing else."""
+        for site in self.sites.in_range(address - PATCH_REACH, address + PATCH_REACH):
+            if site.patch is not None and site.patch.island == address:
                 return site
         return None

@@ -100,6 +100,14 @@ def jmp5(source: int, target: int) -> bytes:
     return b"\xe9" + rel32(source + 5, target)
 
 
+def jmp2(source: int, target: int) -> bytes:
+    """`jmp rel8`: a padding window's jump to its island."""
+    disp = target - (source + 2)
+    if not -128 <= disp < 128:
+        raise ValueError(f"rel8 out of reach: {source + 2:#x} -> {target:#x}")
+    return b"\xeb" + struct.pack("<b", disp)
+
+
 def fill(body: Body, at: int, values: dict) -> bytes:
     """The body placed at address `at`, its fields pointing at `values[name]`."""
     code = bytearray(body.code)

@@ -23,11 +23,14 @@ to hold one):
     in .gcc_except_table, not in the code);
   - direct branches from other pages into this one (known only once those pages are
     scanned, or from a whole-module scan);
-  - the `jmp rel8` to nearby padding of DESIGN.md's tactics is not planned here.
+  - a jump into the alignment padding that holds an island (see `_island`): compilers
+    put labels after their padding, never in it, and a landing the monitor learns
+    there demotes the site like any landing inside a window.
 """
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections import Counter, namedtuple
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
@@ -38,6 +41,11 @@ from .sensitive import classify, direct_target, is_terminator
 from .x86 import MAX_INSN, conditional_jump
 
 JMP5 = 5        # bytes of `jmp rel32`, the least a window holds
+JMP2 = 2        # bytes of `jmp rel8`, a padding window's jump to its island
+ALIGN = 16      # the alignment a run of padding must end at to hold an island
+# The farthest an island lies from its site: `jmp rel8` reaches 128 bytes back and
+# 127 on from the end of its 2 bytes, and the island holds a jmp5 there.
+ISLAND_REACH = JMP2 + 127 + JMP5
 _CHUNK = 256    # bytes handed to capstone at a time when decoding runs of starts
 
 PATCHABLE_KINDS = frozenset({"syscall", "cpuid", "rdtsc", "rdtscp", "branch"})
@@ -62,21 +70,27 @@ PAGE_START = "crosses page start"
 UNDECODED = "neighbour not decoded"
 END_NOT_BOUNDARY = "window end not an instruction boundary"
 BLOCK_TOO_SHORT = "basic block too short"
+NO_PADDING = "no padding within jmp rel8 reach"
 REASONS = (KIND_TRAPS, TARGET_INSIDE, RELATIVE_BRANCH, ENDBR, OTHER_SITE, EARLIER_WINDOW,
-           OVERLAPPING, PAGE_END, PAGE_START, UNDECODED, END_NOT_BOUNDARY, BLOCK_TOO_SHORT)
+           OVERLAPPING, PAGE_END, PAGE_START, UNDECODED, END_NOT_BOUNDARY, BLOCK_TOO_SHORT,
+           NO_PADDING)
 _RANK = {reason: rank for rank, reason in enumerate(REASONS)}
 
 # rip-relative operand as disasm_lite prints it: "[rip + 0x2ea5]", "[rip - 8]".
 _RIP_RELATIVE = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
+_PADDING = frozenset({"nop", "int3"})
 
 
-class Window(namedtuple("Window", "site kind start end before after guard", defaults=(False,))):
+class Window(namedtuple("Window", "site kind start end before after guard island", defaults=(False, 0))):
     """The bytes [start, end) a site's `jmp rel32` and int3 padding overwrite;
     `before` and `after`, the instructions displaced before and after the site, in
     order. `guard`: the site keeps its own bytes and runs natively once its stub has
     checked its target: the jump and its padding fill [start, site.address). The
     window still ends at the site's end, so nothing may land on the site itself:
-    every way to it goes through the check."""
+    every way to it goes through the check. `island`: where the window (the site
+    alone) holds `jmp rel8` to, 5 bytes of alignment padding that hold the `jmp rel32`
+    to the stub (VirtualBox's patch manager and E9Patch jump through such
+    trampolines when a site is too short for the long jump); 0 for none."""
     __slots__ = ()
 
     @property
@@ -92,6 +106,8 @@ class Window(namedtuple("Window", "site kind start end before after guard", defa
         """Which tactic gave the window, as the statistics count it."""
         if self.guard:
             return "guard"
+        if self.island:
+            return "padding"
         if self.before and self.after:
             return "both"
         if self.before:
@@ -166,15 +182,19 @@ class _Planner:
     """One page's planning: the scan's results and the instructions decoded so far."""
 
     def __init__(self, code: bytes, base: int, end: int, starts: AbstractSet[int],
-                 sites: list[tuple[Insn, str]], targets: AbstractSet[int],
+                 sites: list[tuple[Insn, str]], targets: AbstractSet[int], arrivals: AbstractSet[int],
                  patchable_kinds: AbstractSet[str], rejections: Counter | None) -> None:
         self.code, self.base, self.end = code, base, end
-        self.starts, self.targets = starts, targets
+        self.starts, self.targets, self.arrivals = starts, targets, arrivals
         self.site_addresses = {insn.address for insn, _ in sites}
         self.patchable_kinds = patchable_kinds
         self.rejections = rejections
         self._at: dict[int, Insn | None] = {}
         self.floor = base   # the end of the last window planned: later ones start there or after
+        # Each window planned, [start, end) in address order, and each island's start:
+        # no island may cover a window or another island, and no window an island.
+        self.windows: list[tuple[int, int]] = []
+        self.islands: list[int] = []
 
     def bytes_of(self, insn: Insn) -> bytes:
         offset = insn.address - self.base
@@ -231,14 +251,22 @@ class _Planner:
                     return self._accept(site, kind, chosen_before, chosen_after)
             self._count(tactic, stop)
             reasons.append(stop)
+        if self._flaw([site]) is None:
+            island = self._island(site)
+            if island:
+                return self._accept(site, kind, (), (), island=island)
+            self._count("padding", NO_PADDING)
         return Fallback(site, kind, min(reasons, key=_RANK.__getitem__))
 
     def _accept(self, site: Insn, kind: str, before: tuple[Insn, ...], after: tuple[Insn, ...],
-                guard: bool = False) -> Window:
+                guard: bool = False, island: int = 0) -> Window:
         start = before[0].address if before else site.address
         end = after[-1].end if after else site.end
         self.floor = end
-        return Window(site, kind, start, end, before, after, guard)
+        self.windows.append((start, end))
+        if island:
+            self.islands.append(island)
+        return Window(site, kind, start, end, before, after, guard, island)
 
     def _reject(self, site: Insn, kind: str, tactic: str, reasons: list[str]) -> Fallback:
         for reason in reasons:
@@ -248,6 +276,59 @@ class _Planner:
     def _count(self, tactic: str, reason: str | None) -> None:
         if self.rejections is not None and reason is not None:
             self.rejections[tactic, reason] += 1
+
+    def _island(self, site: Insn) -> int:
+        """Where a `jmp rel8` at the site can go on to its stub: the first 5 bytes of
+        a run of alignment padding within reach, or 0 when there is none.
+
+        The run must be nops or int3 from an unconditional terminator up to a
+        16-byte boundary, as compilers align the function or loop head after it:
+        nothing falls into it, and nothing jumps into it, since the label is after
+        the padding. Its first byte is a landing point only as every terminator's
+        end is one (the superset `targets` holds), so the island may start there
+        unless control is known to have arrived there (`arrivals`); it holds no
+        other landing point, and no window or other island. The island starts the
+        run, so a landing the monitor learns anywhere in it (a branch stub's miss)
+        is a landing inside the patch, which demotes the site. The nearest run is
+        taken."""
+        origin = site.address + JMP2
+        low, high = max(self.base, origin - 128), min(self.end - JMP5, origin + 127)
+        boundaries = range((low + JMP5 + ALIGN - 1) // ALIGN * ALIGN, high + 2 * ALIGN, ALIGN)
+        for boundary in sorted(boundaries, key=lambda b: abs(b - origin)):
+            island = self._padding_before(boundary)
+            if (island is None or boundary - island < JMP5 or not low <= island <= high
+                    or island in self.arrivals or self._covers_island(island, island + JMP5)
+                    or any(a in self.targets for a in range(island + 1, island + JMP5))):
+                continue
+            before = bisect_left(self.windows, (island + JMP5,)) - 1
+            if before < 0 or self.windows[before][1] <= island:
+                return island
+        return 0
+
+    def _padding_before(self, boundary: int) -> int | None:
+        """Where the run of padding that ends at `boundary` starts, if one does: the
+        end of the nearest decoded instruction before it, an unconditional
+        terminator (not an int3, which may be padding itself), from which nops and
+        int3 decode end to end up to `boundary`. The padding need not be among the
+        scan's starts (nothing branches there, so a scan may not decode it)."""
+        for address in range(boundary - 1, max(self.base, boundary - 2 * ALIGN) - 1, -1):
+            if address not in self.starts:
+                continue
+            insn = self.at(address)
+            if insn is None or insn.end > boundary:
+                return None
+            if insn.mnemonic.rpartition(" ")[2] in _PADDING:
+                continue
+            if not is_terminator(insn.mnemonic, insn.op_str):
+                return None
+            at = insn.end
+            while at < boundary:
+                padding = self.at(at)
+                if padding is None or padding.mnemonic.rpartition(" ")[2] not in _PADDING:
+                    return None
+                at = padding.end
+            return insn.end if at == boundary else None
+        return None
 
     def _forward(self, site: Insn, need: int) -> tuple[list[Insn], str | None]:
         """The neighbours after the site that may move with it, until `need` bytes,
@@ -326,6 +407,9 @@ class _Planner:
             return BLOCK_TOO_SHORT
         return None
 
+    def _covers_island(self, start: int, end: int) -> bool:
+        return any(island < end and start < island + JMP5 for island in self.islands)
+
     def _flaw(self, chain: list[Insn]) -> str | None:
         """What makes the window of the contiguous instructions `chain` unsafe, or None.
 
@@ -338,6 +422,8 @@ class _Planner:
         for address in range(start + 1, end):
             if address in self.targets:
                 return TARGET_INSIDE
+        if self._covers_island(start, end):
+            return EARLIER_WINDOW
         boundaries = {insn.address for insn in chain}
         for address in range(start + 1, end):
             if address in self.starts and address not in boundaries:
@@ -418,12 +504,15 @@ def _candidates(before: list[Insn], after: list[Insn], need: int, before_stop: s
 def plan_windows(code: bytes, base: int, end: int, starts: AbstractSet[int],
                  sites: list[tuple[Insn, str]], targets: AbstractSet[int],
                  patchable_kinds: AbstractSet[str] = PATCHABLE_KINDS, *,
+                 arrivals: AbstractSet[int] = frozenset(),
                  rejections: Counter | None = None) -> list[Window | Fallback]:
     """A window or a fallback for each site of [base, end), in address order.
 
     `code` holds the original bytes of [base, end) and up to 15 more; `starts` and
     `sites` are a scan's; `targets` every address known to be reached other than by
-    falling through (branch_targets plus what the monitor knows). Windows stay inside
+    falling through (branch_targets plus what the monitor knows); `arrivals`, the
+    part of it control is known to have reached (roots, threads' instruction
+    pointers), not merely guessed from the code. Windows and islands stay inside
     [base, end), so a patch never writes into a page this scan did not see.
 
     Sites are planned greedily in address order, each window starting at or after
@@ -431,6 +520,6 @@ def plan_windows(code: bytes, base: int, end: int, starts: AbstractSet[int],
     fallback's trap (a window holds exactly one site). `rejections`, if given,
     counts every tactic that failed, by (tactic, reason).
     """
-    planner = _Planner(code, base, end, starts, sites, targets, patchable_kinds, rejections)
+    planner = _Planner(code, base, end, starts, sites, targets, arrivals, patchable_kinds, rejections)
     unique = {insn.address: (insn, kind) for insn, kind in sites}
     return [planner.plan(insn, kind) for insn, kind in (unique[a] for a in sorted(unique))]

@@ -38,6 +38,18 @@ def test_round_trip(tmp_path):
     assert load(path) == good_doc()
 
 
+def test_a_version_1_file_reads_with_no_islands(tmp_path):
+    doc = good_doc()
+    doc["version"] = 1
+    for row in doc["sites"]:
+        del row["island"]
+    got = load(write_doc(tmp_path / "old.json", doc))
+    assert [row["island"] for row in got["sites"]] == [0] * len(doc["sites"])
+    doc["version"] = 2
+    with pytest.raises(SitesFileError, match="missing field 'island'"):
+        load(write_doc(tmp_path / "new.json", doc))
+
+
 def test_the_file_is_json_with_one_site_per_line(tmp_path):
     path = tmp_path / "sites.json"
     save(str(path), ["prog"], "emulate", rows())
@@ -83,7 +95,7 @@ CORRUPT = {
     "top level a list": ([], "not a sites file (the top level is a list"),
     "no format": (broken(lambda d: d.pop("format")), "no 'format' field"),
     "wrong format": (broken(lambda d: d.update(format="rr-trace")), "format is 'rr-trace'"),
-    "newer version": (broken(lambda d: d.update(version=2)), "unsupported version 2"),
+    "newer version": (broken(lambda d: d.update(version=VERSION + 1)), f"unsupported version {VERSION + 1}"),
     "version true": (broken(lambda d: d.update(version=True)), "unsupported version True"),
     "program a string": (broken(lambda d: d.update(program="prog")), "'program' must be a list"),
     "bad mode": (broken(lambda d: d.update(mode="fast")), "mode is 'fast'"),

@@ -102,10 +102,38 @@ def test_late_sites_in_a_threaded_guest_get_windows(guests, tmp_path):
 def late_work_offset(prog) -> int:
     """late_work's offset in the file (a local symbol; its virtual address equals
     its offset from the start of the mapping in this PIE)."""
+    return symbol_offsets(prog)["late_work"]
+
+
+def symbol_offsets(prog) -> dict[str, int]:
     from elftools.elf.elffile import ELFFile
     with open(prog, "rb") as f:
         symtab = ELFFile(f).get_section_by_name(".symtab")
-        return next(s["st_value"] for s in symtab.iter_symbols() if s.name == "late_work")
+        return {s.name: s["st_value"] for s in symtab.iter_symbols()}
+
+
+@pytest.mark.timeout(120)
+def test_short_sites_between_landing_points_jump_through_padding(guests, tmp_path):
+    """padding's loop heads (rdtsc, syscall, call *%rax) are 2-byte sites whose
+    neighbours are landing points: patch mode plants each as `jmp rel8` to the
+    alignment padding before it (its island), then on to the stub, on a cold scan and
+    from a warm cache's kept plans; output as native, where a signal handler never sees
+    a rip inside that padding. The loop whose padding is jumped into on purpose works
+    as natively too (a landing on an island demotes its site)."""
+    prog = guests / "padding"
+    native = run_cmd([str(prog)])
+    symbols = symbol_offsets(prog)
+    sites = tmp_path / "sites.json"
+    for run in ("cold", "warm"):
+        virt = run_sbe([str(prog)], mode="patch", timeout=60,
+                       extra=["--cache-dir", str(tmp_path / "cache"), "--sites-out", str(sites)])
+        assert (virt.stdout, virt.status) == (native.stdout, native.status), run
+        rows = {r["offset"]: r for r in json.loads(sites.read_text())["sites"]
+                if r["module"] == os.path.realpath(prog)}
+        for loop in ("rdtsc", "syscall", "call"):
+            head = rows[symbols[f"pad_{loop}_head"]]
+            assert head["strategy"] == "jmp5", (run, loop, head["reason"])
+            assert head["island"] - head["address"] == symbols[f"pad_{loop}_padding"] - symbols[f"pad_{loop}_head"]
 
 
 @pytest.mark.timeout(60)

@@ -19,7 +19,7 @@ from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 from sbe.scanner.decode import Insn, decode_from
 from sbe.scanner.sensitive import classify, direct_target, is_terminator
 from sbe.scanner.window import (BLOCK_TOO_SHORT, EARLIER_WINDOW, END_NOT_BOUNDARY, ENDBR, JMP5,
-                            KIND_TRAPS, OTHER_SITE, OVERLAPPING, PAGE_END, PAGE_START,
+                            KIND_TRAPS, NO_PADDING, OTHER_SITE, OVERLAPPING, PAGE_END, PAGE_START,
                             PATCHABLE_KINDS, REASONS, RELATIVE_BRANCH, TARGET_INSIDE, UNDECODED,
                             Fallback, Window, branch_targets, plan_windows)
 
@@ -65,9 +65,10 @@ class Page:
                       if classify(i.mnemonic, i.op_str)]
         self.targets = branch_targets(code, BASE, self.starts)
 
-    def plan(self, targets=(), kinds=PATCHABLE_KINDS, rejections=None):
+    def plan(self, targets=(), kinds=PATCHABLE_KINDS, rejections=None, arrivals=()):
         plans = plan_windows(self.code, BASE, self.end, self.starts, self.sites,
-                             self.targets | set(targets), kinds, rejections=rejections)
+                             self.targets | set(targets) | set(arrivals), kinds,
+                             arrivals=frozenset(arrivals), rejections=rejections)
         check_plans(self.code, BASE, self.end, self.starts, self.sites, self.targets | set(targets),
                     kinds, plans)
         return plans
@@ -139,8 +140,36 @@ def window_flaws(code, base, end, starts, site_addresses, targets, chain) -> lis
     return flaws
 
 
+def island_flaws(code, base, end, starts, targets, window) -> list[str]:
+    """What, by the rules, is wrong with a padding window's island: 5 bytes within
+    `jmp rel8` reach from the site's 2, at the start of a run of nops and int3 that
+    follows an unconditional terminator and reaches a 16-byte boundary, with no
+    landing point inside."""
+    island, flaws = window.island, []
+    if not -128 <= island - (window.start + 2) <= 127:
+        flaws.append("out of rel8 reach")
+    if island < base or island + JMP5 > end:
+        flaws.append("outside the page")
+    if any(t in targets for t in range(island + 1, island + JMP5)):
+        flaws.append("target inside")
+    before = [a for a in range(island - 15, island) if a in starts
+              and decode_one(code, base, a) is not None and decode_one(code, base, a).end == island]
+    if not before or not is_terminator(*decode_one(code, base, before[-1])[2:]) \
+            or decode_one(code, base, before[-1]).mnemonic in ("nop", "int3"):
+        flaws.append("not after a terminator")
+    at = island
+    while at < island + JMP5 or at % 16:
+        insn = decode_one(code, base, at)
+        if insn is None or insn.mnemonic not in ("nop", "int3"):
+            flaws.append("not padding up to a 16-byte boundary")
+            break
+        at = insn.end
+    return flaws
+
+
 def check_plans(code, base, end, starts, sites, targets, kinds, plans):
     site_addresses = {insn.address for insn, _ in sites}
+    spans = []
     assert [p.site.address for p in plans] == sorted(site_addresses)
     last_end = base
     for plan in plans:
@@ -153,9 +182,16 @@ def check_plans(code, base, end, starts, sites, targets, kinds, plans):
         chain = list(window.insns)
         assert (window.start, window.end) == (chain[0].address, chain[-1].end)
         assert window.kind in kinds
-        assert window.size >= JMP5
         assert window.start >= last_end, "windows overlap"
         last_end = window.end
+        spans.append((window.start, window.end))
+        if window.island:
+            spans.append((window.island, window.island + JMP5))
+            assert window.before == window.after == () and not window.guard
+            assert window_flaws(code, base, end, starts, site_addresses, targets, chain) == []
+            assert island_flaws(code, base, end, starts, targets, window) == []
+            continue
+        assert window.size >= JMP5
         assert window_flaws(code, base, end, starts, site_addresses, targets, chain) == []
         assert all(movable(insn, site_addresses, before=True) for insn in window.before)
         assert all(movable(insn, site_addresses) for insn in window.after)
@@ -175,6 +211,8 @@ def check_plans(code, base, end, starts, sites, targets, kinds, plans):
             assert window.size - window.before[0].size < JMP5
         if window.after:
             assert window.size - window.after[-1].size < JMP5
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "windows and islands overlap"
 
 
 # -- each tactic
@@ -480,6 +518,59 @@ def test_branch_site_never_extends_forwards(branch):
 
 
 # -- order and overlap
+
+# -- the jmp rel8 to padding
+
+def loop_head(before: str = "ret", padding: int | None = None) -> bytes:
+    """A 2-byte site no window fits: an rdtsc at a loop head (a target) whose next
+    instruction is a target too, after `before` and nop padding (up to BASE + 16
+    unless `padding` says how much)."""
+    head = asm(before)
+    head += b"\x90" * (16 - len(head) if padding is None else padding)
+    return head + asm("rdtsc; dec rcx; jne 0x%x; jmp 0x%x; ret" % (BASE + len(head), BASE + len(head) + 2),
+                      BASE + len(head))
+
+
+def test_a_site_no_window_fits_jumps_to_padding():
+    page = Page(loop_head())
+    window = only(page, "rdtsc")
+    assert window.tactic == "padding" and (window.start, window.end) == (BASE + 16, BASE + 18)
+    assert window.island == BASE + 1      # the run's first byte, after the ret
+
+
+def test_no_island_where_control_arrived():
+    page = Page(loop_head())
+    fallback = only(page, "rdtsc", arrivals={BASE + 1})
+    assert isinstance(fallback, Fallback) and fallback.reason == TARGET_INSIDE
+    assert isinstance(only(page, "rdtsc", targets={BASE + 3}), Fallback)
+
+
+@pytest.mark.parametrize("before, padding", [
+    ("mov eax, 1", None),   # padding that control falls into is not padding
+    ("ret", 3),             # too short for the jump, and no 16-byte boundary after it
+])
+def test_no_island_without_padding_after_a_terminator(before, padding):
+    page = Page(loop_head(before, padding))
+    rejections = Counter()
+    fallback = only(page, "rdtsc", rejections=rejections)
+    assert isinstance(fallback, Fallback) and fallback.reason != NO_PADDING
+    assert rejections["padding", NO_PADDING] == 1
+
+
+def test_padding_the_scan_did_not_decode_holds_an_island():
+    page = Page(loop_head(), drop=range(BASE + 1, BASE + 16))
+    assert only(page, "rdtsc").island == BASE + 1
+
+
+def test_an_island_is_used_once():
+    # two loop heads after one run of padding: the second site finds no other
+    code = loop_head()
+    second = len(code)
+    code += asm("rdtsc; dec rcx; jne 0x%x; jmp 0x%x; ret" % (BASE + second, BASE + second + 2), BASE + second)
+    page = Page(code)
+    first, other = [plan_of(page.plan(), insn) for insn, _ in page.sites]
+    assert first.tactic == "padding" and isinstance(other, Fallback)
+
 
 def test_plans_come_in_address_order_one_per_site():
     page = Page(asm("mov eax, 1; syscall; mov eax, 2; syscall; rdtsc; mov rdx, rax; ret"))
