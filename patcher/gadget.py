@@ -17,11 +17,15 @@ SYSCALL_RET = SYSCALL + 2        # the address seccomp reports for a gadget sysc
 SYSCALL_TRAP = SYSCALL + 3       # rip after the int3 that ends a gadget syscall
 INT80 = GADGET_BASE + 8          # int 0x80 ; int3
 INT80_TRAP = INT80 + 3
-PATCH = GADGET_BASE + 16         # syscall ; ret   (called by patch-mode stubs)
+# syscall ; jmp qword ptr [rsp]: patch-mode stubs push where to go on and jump here.
+# Not `call` and `ret`: a `ret` right after a syscall misses the return-stack
+# predictor every time on this kind of machine (the kernel refills it), 55 ns a
+# syscall; an indirect jmp is predicted from its history.
+PATCH = GADGET_BASE + 16
 PATCH_RET = PATCH + 2
 
 CODE = (bytes.fromhex("0f05cc") + b"\xcc" * 5 + bytes.fromhex("cd80cc") + b"\xcc" * 5
-        + bytes.fromhex("0f05c3"))
+        + bytes.fromhex("0f05ff2424"))
 
 
 def contains(address: int) -> bool:

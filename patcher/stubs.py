@@ -44,8 +44,8 @@ _BRANCH_GUARDS = {scratch: Body(*t) for scratch, t in templates.BRANCH_GUARDS.it
 
 
 def syscall_body() -> Body:
-    """Plain syscalls go through the patch gadget (`syscall; ret`) with a call, so they
-    never leave the guest. The ones that must not run on a lowered stack or return
+    """Plain syscalls go through the patch gadget (`syscall; jmp [rsp]`): the stub
+    pushes where to go on and jumps there, so they never leave the guest. The ones that must not run on a lowered stack or return
     through it (sbe.meta.syscalls.TRAPS_IN_STUB: clone/fork/vfork/clone3, whose child
     resumes on another stack or shares this one, and rt_sigreturn, which reads its
     frame at rsp) trap to the monitor instead.

@@ -13,29 +13,28 @@ TRAPS_IN_STUB = (15, 56, 57, 58, 435)  # rt_sigreturn, clone, fork, vfork, clone
 SYSCALL = (
     bytes.fromhex(
         "488d642480"          #  0: lea rsp, [rsp - 0x80]
-        "9c"                  #  5: pushfq
-        "4883f80f"            #  6: cmp rax, 0xf
-        "742b"                # 10: je 0x37
-        "4883f838"            # 12: cmp rax, 0x38
-        "7425"                # 16: je 0x37
-        "4883f839"            # 18: cmp rax, 0x39
-        "741f"                # 22: je 0x37
-        "4883f83a"            # 24: cmp rax, 0x3a
-        "7419"                # 28: je 0x37
-        "483db3010000"        # 30: cmp rax, 0x1b3
-        "7411"                # 36: je 0x37
-        "9d"                  # 38: popfq
-        "ff1511111111"        # 39: call qword ptr [rip + 0x11111111]
-        "488da42480000000"    # 45: lea rsp, [rsp + 0x80]
-        "eb0b"                # 53: jmp 0x42
-        "9d"                  # 55: popfq
-        "488da42480000000"    # 56: lea rsp, [rsp + 0x80]
-        "cc"                  # 64: int3
+        "8d48f1"              #  5: lea ecx, [rax - 0xf]
+        "e32f"                #  8: jrcxz 0x39
+        "8d48c8"              # 10: lea ecx, [rax - 0x38]
+        "e32a"                # 13: jrcxz 0x39
+        "8d48c7"              # 15: lea ecx, [rax - 0x39]
+        "e325"                # 18: jrcxz 0x39
+        "8d48c6"              # 20: lea ecx, [rax - 0x3a]
+        "e320"                # 23: jrcxz 0x39
+        "8d884dfeffff"        # 25: lea ecx, [rax - 0x1b3]
+        "e318"                # 31: jrcxz 0x39
+        "488d0d07000000"      # 33: lea rcx, [rip + 7]
+        "51"                  # 40: push rcx
+        "ff2511111111"        # 41: jmp qword ptr [rip + 0x11111111]
+        "488da42488000000"    # 47: lea rsp, [rsp + 0x88]
+        "eb0a"                # 55: jmp 0x43
+        "488da42480000000"    # 57: lea rsp, [rsp + 0x80]
         "cc"                  # 65: int3
-        "488d0d22222222"      # 66: lea rcx, [rip + 0x22222222]
+        "cc"                  # 66: int3
+        "488d0d22222222"      # 67: lea rcx, [rip + 0x22222222]
     ),
-    {"gadget_slot": 41, "site_end": 69},
-    64,
+    {"gadget_slot": 43, "site_end": 70},
+    65,
 )
 
 CPUID = (

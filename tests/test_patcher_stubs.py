@@ -64,8 +64,18 @@ def test_committed_templates_are_the_generators_output():
 
 def test_the_syscall_body_traps_for_the_syscall_tables_calls():
     assert templates.TRAPS_IN_STUB == TRAPS_IN_STUB
-    compared = [insn.operands[1].imm for insn in CS_DETAIL.disasm(stubs.syscall_body().code, 0)
-                if insn.id == x86.X86_INS_CMP and insn.reg_name(insn.operands[0].reg) == "rax"]
+    # lea ecx, [rax - nr]; jrcxz trap: the low 32 bits, as the kernel reads the number
+    code = list(CS_DETAIL.disasm(stubs.syscall_body().code, 0))
+    at = {insn.address: insn for insn in code}
+    compared = []
+    for insn, after in zip(code, code[1:]):
+        if insn.id == x86.X86_INS_LEA and insn.reg_name(insn.operands[0].reg) == "ecx":
+            assert insn.operands[1].mem.base == x86.X86_REG_RAX and after.id == x86.X86_INS_JRCXZ
+            # to the trap: rsp back as at the site, then the int3
+            restore = at[after.operands[0].imm]
+            assert (restore.mnemonic, restore.op_str) == ("lea", "rsp, [rsp + 0x80]")
+            assert restore.address + restore.size == stubs.syscall_body().trap
+            compared.append(-insn.operands[1].mem.disp)
     assert compared == list(TRAPS_IN_STUB)
 
 

@@ -38,17 +38,20 @@ _OTHER_MARKER = 0x77777777   # differs from every marker in each of its four byt
 
 
 def syscall_text(at: dict) -> str:
-    checks = "\n".join(f"cmp rax, {nr}\nje trap" for nr in TRAPS_IN_STUB)
+    # The check leaves flags alone (`lea` and `jrcxz`, no pushfq/popfq, whose popfq
+    # is the costliest instruction a stub would run), and compares the low 32 bits,
+    # the number as the kernel reads it. rcx is free: the syscall overwrites it.
+    checks = "\n".join(f"lea ecx, [rax - {nr}]\njrcxz trap" for nr in TRAPS_IN_STUB)
     return f"""
         lea rsp, [rsp - {RED_ZONE}]
-        pushfq
         {checks}
-        popfq
-        call qword ptr [rip + {at['gadget_slot']}]
-        lea rsp, [rsp + {RED_ZONE}]
+        lea rcx, [rip + back]
+        push rcx
+        jmp qword ptr [rip + {at['gadget_slot']}]
+    back:
+        lea rsp, [rsp + {RED_ZONE + 8}]
         jmp done
     trap:
-        popfq
         lea rsp, [rsp + {RED_ZONE}]
         int3
         int3
