@@ -122,19 +122,26 @@ class SiteTable:
     """All sites of one address space: by guest address, with a per-page index so
     range queries (original bytes of a page, invalidation) cost what the range
     holds, not what the table holds; and by stub address, so a stub PC (a signal
-    inside a stub, a stub's trap) finds its site without a scan of the table.
+    inside a stub, a stub's trap) finds its site and the patch that stub is of
+    without a scan of the table.
 
-    A site's patch changes only through `set_patch`, which keeps the stub indexes
-    true. Shared by the threads of the address space; copied for a forked child,
-    whose memory is a copy too.
+    A stub outlives its patch: a thread may be inside it when the site is re-planted
+    (a mode switch, a demotion, a side cache retired, an invalidation), and it runs
+    on to its continuation or its trap, which must still mean "emulate this site".
+    Side-cache memory is never reused, so the stub's bytes stay as they were; the
+    index keeps such a retired stub until `prune` is told no thread can be in it.
+    A site's patch changes only through `set_patch` (or `remove`), which keep the
+    indexes true. Shared by the threads of the address space; copied for a forked
+    child, whose memory is a copy too.
     """
 
     def __init__(self) -> None:
         self._by_address: dict[int, Site] = {}
         self._by_page: dict[int, set[int]] = {}
         self._stub_starts: list[int] = []      # sorted; stubs never overlap
-        self._by_stub: dict[int, Site] = {}
-        self._by_trap: dict[int, Site] = {}
+        self._by_stub: dict[int, tuple[Site, Patch]] = {}
+        self._by_trap: dict[int, tuple[Site, Patch]] = {}
+        self._retired: set[int] = set()        # starts of stubs whose patch is gone
 
     def add(self, site: Site) -> None:
         self._by_address[site.address] = site
@@ -149,11 +156,12 @@ class SiteTable:
             bucket.discard(address)
             if not bucket:
                 del self._by_page[page]
-            self._unindex(site)
+            self._retire(site.patch)
         return site
 
     def set_patch(self, site: Site, patch: Patch | None) -> None:
-        self._unindex(site)
+        if site.address in self._by_address:
+            self._retire(site.patch)
         site.patch = patch
         self._index(site)
 
@@ -161,34 +169,45 @@ class SiteTable:
         patch = site.patch
         if patch is None or site.address not in self._by_address:
             return
-        bisect.insort(self._stub_starts, patch.stub)
-        self._by_stub[patch.stub] = site
+        if patch.stub not in self._by_stub:
+            bisect.insort(self._stub_starts, patch.stub)
+        self._by_stub[patch.stub] = site, patch
+        self._retired.discard(patch.stub)
         if patch.trap:
-            self._by_trap[patch.trap] = site
+            self._by_trap[patch.trap] = site, patch
 
-    def _unindex(self, site: Site) -> None:
-        patch = site.patch
-        if patch is None or self._by_stub.get(patch.stub) is not site:
-            return
-        del self._by_stub[patch.stub]
-        del self._stub_starts[bisect.bisect_left(self._stub_starts, patch.stub)]
-        self._by_trap.pop(patch.trap, None)
+    def _retire(self, patch: Patch | None) -> None:
+        if patch is not None and patch.stub in self._by_stub:
+            self._retired.add(patch.stub)
+
+    def prune(self, keep) -> int:
+        """Forget the retired stubs that hold none of the addresses `keep` (where
+        every thread of the space stands, or will return to); returns how many."""
+        gone = [stub for stub in self._retired
+                if not any(stub <= a < stub + self._by_stub[stub][1].stub_size for a in keep)]
+        for stub in gone:
+            _, patch = self._by_stub.pop(stub)
+            del self._stub_starts[bisect.bisect_left(self._stub_starts, stub)]
+            self._by_trap.pop(patch.trap, None)
+            self._retired.discard(stub)
+        return len(gone)
 
     def get(self, address: int) -> Site | None:
         return self._by_address.get(address)
 
-    def by_trap(self, address: int) -> Site | None:
-        """The site whose stub's int3 is at `address`."""
+    def by_trap(self, address: int) -> tuple[Site, Patch] | None:
+        """The site whose stub's int3 is at `address`, and the patch of that stub
+        (the site's own, or one it had before)."""
         return self._by_trap.get(address)
 
-    def by_stub(self, address: int) -> Site | None:
-        """The site whose stub holds `address` (stub PC to guest PC, as DynamoRIO's
-        translate does)."""
+    def by_stub(self, address: int) -> tuple[Site, Patch] | None:
+        """The site whose stub holds `address` and the patch of that stub (stub PC
+        to guest PC, as DynamoRIO's translate does)."""
         i = bisect.bisect_right(self._stub_starts, address) - 1
         if i < 0:
             return None
-        site = self._by_stub[self._stub_starts[i]]
-        return site if address < site.patch.stub + site.patch.stub_size else None
+        found = self._by_stub[self._stub_starts[i]]
+        return found if address < found[1].stub + found[1].stub_size else None
 
     def in_range(self, start: int, end: int) -> list[Site]:
         found = []
@@ -216,6 +235,11 @@ class SiteTable:
         twin._by_address = {address: site.twin() for address, site in self._by_address.items()}
         twin._by_page = {page: set(addresses) for page, addresses in self._by_page.items()}
         twin._stub_starts = list(self._stub_starts)
-        twin._by_stub = {stub: twin._by_address[site.address] for stub, site in self._by_stub.items()}
-        twin._by_trap = {trap: twin._by_address[site.address] for trap, site in self._by_trap.items()}
+        # A retired stub's site may be gone from the table: the child gets a copy of it too.
+        twins = {id(site): twin._by_address.get(site.address) if site.address in self._by_address
+                 and self._by_address[site.address] is site else site.twin()
+                 for site, _ in self._by_stub.values()}
+        twin._by_stub = {stub: (twins[id(site)], patch) for stub, (site, patch) in self._by_stub.items()}
+        twin._by_trap = {trap: (twins[id(site)], patch) for trap, (site, patch) in self._by_trap.items()}
+        twin._retired = set(self._retired)
         return twin

@@ -280,9 +280,10 @@ class Session:
             # as natively.
             return Resume(request=pt.PTRACE_LISTEN)
         if self.switch_requested and thread.space is not None:
-            # An interrupt stops a task at an instruction boundary, never at a trap
-            # of the old plant.
-            self.switch_modes(thread)
+            # Not just after an int3 of sbe's: that SIGTRAP is still to come, and is
+            # handled first (a stop after it asks for the switch again).
+            if self._trapped_at(thread.space, pt.getregs(thread.tid).rip - 1) is None:
+                self.switch_modes(thread)
         return Resume()
 
     # -- images and tasks ------------------------------------------------------
@@ -338,14 +339,9 @@ class Session:
         space = thread.space
         regs = pt.getregs(thread.tid)
         rip = regs.rip
-        site = None
-        if space is not None:
-            site = space.sites.get(rip - 1)
-            if site is not None and site.patch is not None:
-                site = None
-            site = site or space.sites.by_trap(rip - 1)
-        if site is not None:
-            return self.on_site(thread, site, regs)
+        found = self._trapped_at(space, rip - 1) if space is not None else None
+        if found is not None:
+            return self.on_site(thread, *found, regs)
         if rip in (gadget.SYSCALL_TRAP, gadget.INT80_TRAP) and thread.gadget is not None:
             done, thread.gadget = thread.gadget, None
             regs.rip = done.resume
@@ -363,14 +359,14 @@ class Session:
             return Resume()
         return self.deliver(thread, signal.SIGTRAP)
 
-    def on_site(self, thread: Thread, site, regs) -> Resume | None:
-        """A trap at a site's int3, or at its stub's int3 (patch.trap): the guest's
-        registers are as at the site; emulate it and go on after it (site.end, or
-        the stub's continuation)."""
+    def on_site(self, thread: Thread, site, patch, regs) -> Resume | None:
+        """A trap at a site's int3 (`patch` None), or at the int3 of a stub of it
+        (`patch`, the stub's: the site's now, or one it had when the thread entered
+        the stub): the guest's registers are as at the site; emulate it and go on
+        after it (site.end, or the stub's continuation)."""
         t0 = time.perf_counter()
         space = thread.space
-        patch = site.patch
-        in_stub = patch is not None and regs.rip - 1 == patch.trap
+        in_stub = patch is not None
         site.hits += 1
         self.stats.traps[site.kind] += 1
         regs.rip = site.address
@@ -422,8 +418,9 @@ class Session:
     def thread_rips(self, space: AddressSpace) -> frozenset:
         """Where the threads of `space` stand (or will restart a syscall, or will
         leave the stub they are in): no new window may hold these strictly inside.
-        A thread on an island is moved back to its site first (sigframe.leave_island)."""
-        rips = set()
+        A thread on an island is moved back to its site first (sigframe.leave_island).
+        With every thread stopped, retired stubs none of them is in are forgotten."""
+        rips, everyone = set(), True
         for t in self.threads.values():
             if t.space is space:
                 if t.gadget is not None:
@@ -431,6 +428,7 @@ class Session:
                 try:
                     regs = pt.getregs(t.tid)
                 except pt.PtraceError:
+                    everyone = False
                     continue   # running: it is not inside a page being planted
                 sigframe.leave_island(t.tid, space, regs)
                 rip = regs.rip
@@ -440,9 +438,11 @@ class Session:
                 if rip in (gadget.PATCH, gadget.PATCH_RET):
                     # In the gadget for a stub: it returns into that stub.
                     rip = int.from_bytes(space.mem.read_upto(regs.rsp, 8).ljust(8, b"\0"), "little")
-                site = space.site_of_stub(rip)
-                if site is not None:
-                    rips.update((site.address, site.end, site.patch.window_end))
+                found = space.stub_at(rip)
+                if found is not None:
+                    rips.update((rip, found[0].address, found[0].end, found[1].window_end))
+        if everyone:
+            space.sites.prune(rips)    # retired stubs no thread is in, or will return to
         return frozenset(rips)
 
     def stop_world(self, thread: Thread) -> frozenset:
@@ -466,14 +466,52 @@ class Session:
         for tid in stopping:
             try:
                 _, status = os.waitpid(tid, pt.WALL)
+                self.stats.stops += 1
+                status = self._settle_trap(self.threads[tid], status)
             except ChildProcessError:
                 continue
-            self.stats.stops += 1
             self.queue.append((tid, status))
             self.parked.add(tid)
         if stopping:
             self.stats.world_stops += 1
         return self.thread_rips(space)
+
+    def _settle_trap(self, thread: Thread, status: int) -> int:
+        """A task the world stop caught just after one of sbe's int3 (a site's, or a
+        stub's trap) has not had its SIGTRAP handled: its stop is that SIGTRAP, or an
+        interrupt with the SIGTRAP still pending. What is about to be re-planted may
+        be that very int3, and a trap handled after the re-planting would no longer
+        name its site. So the SIGTRAP is taken now and dropped, and the task goes
+        back to the site, where its registers are (an int3 changes only rip): it
+        meets the site again in its new form. Returns the status to queue for it
+        (an interrupt, which resumes it with no signal)."""
+        interrupt = (pt.PTRACE_EVENT_STOP << 16) | (signal.SIGTRAP << 8) | 0x7F
+        space = thread.space
+        if space is None or os.WSTOPSIG(status) != signal.SIGTRAP or status >> 16 not in (0, pt.PTRACE_EVENT_STOP):
+            return status
+        regs = pt.getregs(thread.tid)
+        found = self._trapped_at(space, regs.rip - 1)
+        if found is None:
+            return status
+        if status >> 16:
+            pt.resume(thread.tid)             # the pending SIGTRAP is taken first
+            _, status = os.waitpid(thread.tid, pt.WALL)
+            self.stats.stops += 1
+            if not os.WIFSTOPPED(status) or os.WSTOPSIG(status) != signal.SIGTRAP or status >> 16:
+                return status
+        regs.rip = found[0].address
+        pt.setregs(thread.tid, regs)
+        return interrupt
+
+    @staticmethod
+    def _trapped_at(space: AddressSpace, address: int):
+        """(site, patch) when `address` holds an int3 of a site's: its own (patch
+        None), or its stub's trap (the patch of that stub: the site's now or an
+        earlier one); else None."""
+        site = space.sites.get(address)
+        if site is not None and site.patch is None:
+            return site, None
+        return space.sites.by_trap(address)
 
     def world(self, thread: Thread):
         """The patcher's way to stop `thread`'s world, called only when it is about

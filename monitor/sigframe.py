@@ -10,8 +10,8 @@ red-zone skip. At rt_sigreturn the real values go back, unless the handler chang
 them itself. A fault raised by a displaced instruction is shown at the instruction's
 original address. A thread on a site's island is moved back to the site first.
 
-Known gaps: a thread inside a stub of a site that was since re-planted elsewhere (a
-mode switch, a cache flush) is shown as it is.
+A thread inside a stub whose site was since re-planted (a mode switch, a cache
+flush) is translated by the patch that stub is of (SiteTable keeps it).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ MCONTEXT = 8 + 8 + 8 + 24
 GREG = {"rcx": 14, "rsp": 15, "rip": 16}
 SYNCHRONOUS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 MAX_STEPS = 20000
-CALL_SKIP = RED_ZONE + 8          # the red zone, and the stub's call to the gadget
+CALL_SKIP = RED_ZONE + 8          # the red zone, and the address the stub pushed for the gadget
 
 
 def guest_view(space, regs, sig: int) -> dict | None:
@@ -39,18 +39,20 @@ def guest_view(space, regs, sig: int) -> dict | None:
     rip = regs.rip
     if rip in (gadget.PATCH, gadget.PATCH_RET):
         ret = int.from_bytes(space.mem.read(regs.rsp, 8), "little")
-        site = space.site_of_stub(ret)
-        if site is None:
+        found = space.stub_at(ret)
+        if found is None:
             return None
+        site = found[0]
         if rip == gadget.PATCH:
             return {"rip": site.address, "rsp": regs.rsp + CALL_SKIP}
         return {"rip": site.end, "rsp": regs.rsp + CALL_SKIP, "rcx": site.end}
-    site = space.site_of_stub(rip)
-    if site is None:
+    found = space.stub_at(rip)
+    if found is None:
         return None
-    if rip == site.patch.trap:
+    site, patch = found
+    if rip == patch.trap:
         return {"rip": site.address}
-    for stub_address, original in site.patch.displaced:
+    for stub_address, original in patch.displaced:
         if stub_address == rip:
             return {"rip": original}
     return None
@@ -64,8 +66,8 @@ def walk_out(thread, space) -> None:
         rip = regs.rip
         if rip in (gadget.PATCH, gadget.PATCH_RET) or not space.in_cache(rip):
             return
-        site = space.site_of_stub(rip)
-        if site is None or rip == site.patch.trap or any(a == rip for a, _ in site.patch.displaced):
+        found = space.stub_at(rip)
+        if found is None or rip == found[1].trap or any(a == rip for a, _ in found[1].displaced):
             return
         run_until(thread, pt.PTRACE_SINGLESTEP, is_trap)
 

@@ -160,8 +160,9 @@ class AddressSpace:
     def cache_holding(self, address: int) -> SideCache | None:
         return next((c for c in self.caches if c.start <= address < c.start + c.size), None)
 
-    def site_of_stub(self, address: int) -> Site | None:
-        """The site whose stub holds `address`."""
+    def stub_at(self, address: int):
+        """(site, patch) of the stub that holds `address` (the site's patch now, or
+        one it had before: see SiteTable), or None."""
         return self.sites.by_stub(address) if self.in_cache(address) else None
 
     # -- windows ---------------------------------------------------------------
