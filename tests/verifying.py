@@ -81,6 +81,6 @@ class TrapHookSession(Session):
         super().__init__(*args, **kw)
         self.hook = hook
 
-    def on_site(self, thread, site, regs):
-        decision = super().on_site(thread, site, regs)
+    def on_site(self, thread, site, patch, regs):
+        decision = super().on_site(thread, site, patch, regs)
         return None if self.hook(self, thread) is False else decision
