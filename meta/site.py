@@ -235,11 +235,12 @@ class SiteTable:
         twin._by_address = {address: site.twin() for address, site in self._by_address.items()}
         twin._by_page = {page: set(addresses) for page, addresses in self._by_page.items()}
         twin._stub_starts = list(self._stub_starts)
-        # A retired stub's site may be gone from the table: the child gets a copy of it too.
-        twins = {id(site): twin._by_address.get(site.address) if site.address in self._by_address
-                 and self._by_address[site.address] is site else site.twin()
-                 for site, _ in self._by_stub.values()}
-        twin._by_stub = {stub: (twins[id(site)], patch) for stub, (site, patch) in self._by_stub.items()}
-        twin._by_trap = {trap: (twins[id(site)], patch) for trap, (site, patch) in self._by_trap.items()}
+        def twin_of(site: Site) -> Site:
+            # A retired stub's site may be gone from the table: the child gets its own copy.
+            if self._by_address.get(site.address) is site:
+                return twin._by_address[site.address]
+            return site.twin()
+        twin._by_stub = {stub: (twin_of(site), patch) for stub, (site, patch) in self._by_stub.items()}
+        twin._by_trap = {trap: twin._by_stub[patch.stub] for trap, (_, patch) in self._by_trap.items()}
         twin._retired = set(self._retired)
         return twin

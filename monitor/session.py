@@ -282,7 +282,7 @@ class Session:
         if self.switch_requested and thread.space is not None:
             # Not just after an int3 of sbe's: that SIGTRAP is still to come, and is
             # handled first (a stop after it asks for the switch again).
-            if self._trapped_at(thread.space, pt.getregs(thread.tid).rip - 1) is None:
+            if thread.space.trap_at(pt.getregs(thread.tid).rip - 1) is None:
                 self.switch_modes(thread)
         return Resume()
 
@@ -339,7 +339,7 @@ class Session:
         space = thread.space
         regs = pt.getregs(thread.tid)
         rip = regs.rip
-        found = self._trapped_at(space, rip - 1) if space is not None else None
+        found = space.trap_at(rip - 1) if space is not None else None
         if found is not None:
             return self.on_site(thread, *found, regs)
         if rip in (gadget.SYSCALL_TRAP, gadget.INT80_TRAP) and thread.gadget is not None:
@@ -490,7 +490,7 @@ class Session:
         if space is None or os.WSTOPSIG(status) != signal.SIGTRAP or status >> 16 not in (0, pt.PTRACE_EVENT_STOP):
             return status
         regs = pt.getregs(thread.tid)
-        found = self._trapped_at(space, regs.rip - 1)
+        found = space.trap_at(regs.rip - 1)
         if found is None:
             return status
         if status >> 16:
@@ -502,16 +502,6 @@ class Session:
         regs.rip = found[0].address
         pt.setregs(thread.tid, regs)
         return interrupt
-
-    @staticmethod
-    def _trapped_at(space: AddressSpace, address: int):
-        """(site, patch) when `address` holds an int3 of a site's: its own (patch
-        None), or its stub's trap (the patch of that stub: the site's now or an
-        earlier one); else None."""
-        site = space.sites.get(address)
-        if site is not None and site.patch is None:
-            return site, None
-        return space.sites.by_trap(address)
 
     def world(self, thread: Thread):
         """The patcher's way to stop `thread`'s world, called only when it is about

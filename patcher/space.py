@@ -165,6 +165,15 @@ class AddressSpace:
         one it had before: see SiteTable), or None."""
         return self.sites.by_stub(address) if self.in_cache(address) else None
 
+    def trap_at(self, address: int):
+        """(site, patch) when `address` holds an int3 of a site's: its own (patch
+        None), or its stub's trap (the patch of that stub: the site's now or an
+        earlier one); else None."""
+        site = self.sites.get(address)
+        if site is not None and site.patch is None:
+            return site, None
+        return self.sites.by_trap(address)
+
     # -- windows ---------------------------------------------------------------
     def window_starting_at(self, address: int) -> Site | None:
         for site in self.sites.in_range(address, address + PATCH_REACH):

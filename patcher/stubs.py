@@ -45,10 +45,11 @@ _BRANCH_GUARDS = {scratch: Body(*t) for scratch, t in templates.BRANCH_GUARDS.it
 
 def syscall_body() -> Body:
     """Plain syscalls go through the patch gadget (`syscall; jmp [rsp]`): the stub
-    pushes where to go on and jumps there, so they never leave the guest. The ones that must not run on a lowered stack or return
-    through it (sbe.meta.syscalls.TRAPS_IN_STUB: clone/fork/vfork/clone3, whose child
-    resumes on another stack or shares this one, and rt_sigreturn, which reads its
-    frame at rsp) trap to the monitor instead.
+    pushes where to go on and jumps there, so they never leave the guest. The ones
+    that must not run on a lowered stack or return through it
+    (sbe.meta.syscalls.TRAPS_IN_STUB: clone/fork/vfork/clone3, whose child resumes
+    on another stack or shares this one, and rt_sigreturn, which reads its frame at
+    rsp) trap to the monitor instead.
     rcx is left as the site's own syscall would leave it (the address after the site).
     The trap is two int3s and the monitor resumes after both: when a signal restarts
     the syscall, the kernel rewinds rip by the length of a syscall instruction (2),
