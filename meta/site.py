@@ -70,6 +70,20 @@ class Site(Record):
         return "jmp5" if self.patch is not None else "int3"
 
     @property
+    def tactic(self) -> str:
+        """Which of the planner's tactics the patch is (scanner.window.Window.tactic),
+        "" for an int3."""
+        patch = self.patch
+        if patch is None:
+            return ""
+        if patch.guarded:
+            return "slot" if "[" in self.op_str else "guard"
+        if patch.island:
+            return "padding"
+        before, after = patch.window_start < self.address, patch.window_end > self.end
+        return "both" if before and after else "backward" if before else "forward" if after else "site"
+
+    @property
     def end(self) -> int:
         return self.address + self.size
 
@@ -89,6 +103,7 @@ class Site(Record):
             "bytes": self.original.hex(),
             "size": self.size,
             "strategy": self.strategy,
+            "tactic": self.tactic,
             "reason": self.reason,
             "hits": self.hits,
             "window_start": patch.window_start if patch else 0,

@@ -6,11 +6,12 @@ and where; `save` replaces the file in one rename so a reader never sees half of
 
 Layout (JSON, one site per line so the file greps and diffs by site):
 
-    {"format": "sbe-sites", "version": 2, "program": [argv...], "mode": "emulate"|"patch",
+    {"format": "sbe-sites", "version": 3, "program": [argv...], "mode": "emulate"|"patch",
      "sites": [row, ...]}
 
 Version 2 added the row field `island`; a version 1 file reads as if each row had
-`"island": 0` (version 1 had no islands).
+`"island": 0` (version 1 had no islands). Version 3 added `tactic` (how the window
+was found, scanner.window.Window.tactic; "" for an int3); older files read with "".
 
 A row is `Site.to_record()` plus `"pid"`, the process the site was in: a site is keyed
 by its address only within one address space, and a run may span several.
@@ -24,8 +25,8 @@ from sbe.meta.files import replace_atomically
 from sbe.meta.site import KINDS, STRATEGIES
 
 FORMAT = "sbe-sites"
-VERSION = 2
-READS = (1, 2)
+VERSION = 3
+READS = (1, 2, 3)
 MODES = ("emulate", "patch")
 
 # Row fields and their JSON types, in the order tools print them (the CSV column order).
@@ -39,6 +40,7 @@ FIELDS = {
     "bytes": str,
     "size": int,
     "strategy": str,
+    "tactic": str,
     "reason": str,
     "hits": int,
     "window_start": int,
@@ -47,7 +49,7 @@ FIELDS = {
     "stub": int,
 }
 # Fields later versions added: the version each came in, and its value before.
-ADDED = {"island": (2, 0)}
+ADDED = {"island": (2, 0), "tactic": (3, "")}
 
 # What bytes.hex() writes: at least one byte, no separators (fromhex would allow spaces).
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")

@@ -418,7 +418,8 @@ class Session:
     def thread_rips(self, space: AddressSpace) -> frozenset:
         """Where the threads of `space` stand (or will restart a syscall, or will
         leave the stub they are in): no new window may hold these strictly inside.
-        A thread on an island is moved back to its site first (sigframe.leave_island).
+        A thread on an island is moved back to its site first (sigframe.leave_island),
+        one on a slot call back to its stub's check (sigframe.leave_slot_call).
         With every thread stopped, retired stubs none of them is in are forgotten."""
         rips, everyone = set(), True
         for t in self.threads.values():
@@ -431,6 +432,7 @@ class Session:
                     everyone = False
                     continue   # running: it is not inside a page being planted
                 sigframe.leave_island(t.tid, space, regs)
+                sigframe.leave_slot_call(t.tid, space, regs)
                 rip = regs.rip
                 rips.add(rip)
                 if _may_restart(regs):

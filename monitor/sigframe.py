@@ -8,7 +8,8 @@ the thread at the handler's first instruction with the frame built, and the fram
 ucontext gets the guest's view: rip at the site (or after it), rsp above the stub's
 red-zone skip. At rt_sigreturn the real values go back, unless the handler changed
 them itself. A fault raised by a displaced instruction is shown at the instruction's
-original address. A thread on a site's island is moved back to the site first.
+original address. A thread on a site's island is moved back to the site first, and
+one on a slot call's `call [rsp - 8]` back to its stub's check.
 
 A thread inside a stub whose site was since re-planted (a mode switch, a cache
 flush) is translated by the patch that stub is of (SiteTable keeps it).
@@ -64,6 +65,8 @@ def walk_out(thread, space) -> None:
     for _ in range(MAX_STEPS):
         regs = pt.getregs(thread.tid)
         rip = regs.rip
+        if leave_slot_call(thread.tid, space, regs):
+            return     # stepped out onto a slot call: back at its check, which guest_view names
         if rip in (gadget.PATCH, gadget.PATCH_RET) or not space.in_cache(rip):
             return
         found = space.stub_at(rip)
@@ -85,12 +88,45 @@ def leave_island(tid: int, space, regs) -> bool:
     return True
 
 
+def leave_slot_call(tid: int, space, regs) -> bool:
+    """A thread on a slot call's `call [rsp - 8]` (its stub checked the target and
+    left it there) goes back to the stub's check, where its state is the same: the
+    window can then be restored under it (the stub then leaves by its trap), and a
+    handler's frame returns to a check that reads the operand again. Returns True
+    when it moved."""
+    check = _slot_check(space, regs.rip)
+    if check is None:
+        return False
+    regs.rip = check
+    pt.setregs(tid, regs)
+    return True
+
+
+def frame_off_slot_call(space, rsp: int) -> None:
+    """At rt_sigreturn: a frame a handler sent to a slot call's `call [rsp - 8]`
+    goes to the stub's check instead, so no target the check has not seen is
+    called from there."""
+    check = _slot_check(space, frame_rip(space, rsp))
+    if check is not None:
+        space.mem.write(rsp - 8 + MCONTEXT + 8 * GREG["rip"], struct.pack("<Q", check))
+
+
+def _slot_check(space, address: int) -> int | None:
+    """The check of the slot call whose `call [rsp - 8]` is at `address`, or None."""
+    found = space.slot_call_at(address)
+    if found is None:
+        return None
+    site, patch = found
+    return next(at for at, original in patch.displaced if original == site.address)
+
+
 def deliver_translated(thread, space, sig: int) -> bool:
     """Deliver `sig` with a translated frame if the thread stands in side-cache code.
     Returns False when nothing needed translating (the caller delivers as usual)."""
     regs = pt.getregs(thread.tid)
     if leave_island(thread.tid, space, regs):
         return False
+    leave_slot_call(thread.tid, space, regs)
     if not (space.in_cache(regs.rip) or regs.rip in (gadget.PATCH, gadget.PATCH_RET)):
         return False
     if sig not in SYNCHRONOUS:

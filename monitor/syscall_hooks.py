@@ -119,6 +119,7 @@ def rt_sigreturn(session, thread, regs):
     thread.gadget = None
     if thread.frames:
         sigframe.restore_on_sigreturn(thread, thread.space, regs.rsp)
+    sigframe.frame_off_slot_call(thread.space, regs.rsp)
     # A guarded site branches natively on what its stub checked; a handler may have
     # changed that register in the frame, so the site becomes a trap before the
     # frame returns to it.

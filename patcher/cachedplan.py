@@ -24,7 +24,7 @@ from __future__ import annotations
 from sbe.patcher.emit import Stub
 from sbe.scanner.decode import Insn
 from sbe.meta.pagemap import page_of
-from sbe.scanner.window import JMP2, JMP5, REASONS, Fallback, Window, guardable
+from sbe.scanner.window import JMP2, JMP5, REASONS, SLOT_CALL, Fallback, Window, guardable, slot_call
 
 
 def keepable(plan, avoid) -> object:
@@ -58,10 +58,14 @@ def checked(record) -> bool:
         if kept is None:
             return False
         start, end, before, after, guard, island = kept
-        # A guard's jump and padding must fit before the site, whose bytes it keeps.
-        if guard and (after or not guardable(Insn(offset, size, mnemonic, op_str), kind)
-                      or offset - start < JMP5):
-            return False
+        # A guard's jump and padding must fit before the site, whose bytes it keeps;
+        # a slot call's jump and `call [rsp - 8]` before the site's end.
+        if guard:
+            insn = Insn(offset, size, mnemonic, op_str)
+            room = (offset - start if guardable(insn, kind)
+                    else end - start - SLOT_CALL if slot_call(insn, kind) else -1)
+            if after or room < JMP5:
+                return False
         if island:
             # The window is the site alone, its island in the same page within
             # `jmp rel8` reach, with no landing point known there but its first byte,

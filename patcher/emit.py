@@ -2,7 +2,9 @@
 
     [before, relocated] [kind body, fields filled] [after, relocated] jmp -> window end
 
-(a guarded branch: [before, relocated] [the target's check] jmp -> the site itself)
+(a guarded branch: [before, relocated] [the target's check] jmp -> the site itself;
+a slot call: [before, relocated] [the target's check] jmp -> the window's last 4
+bytes, `call [rsp - 8]`)
 
 Displaced instructions are relocated (rip-relative operands re-aimed); the body comes
 from sbe.patcher.stubs' templates; branch bodies re-encode the site's own operand as a
@@ -14,6 +16,7 @@ import struct
 
 from sbe.meta.record import Record
 from sbe.patcher import stubs
+from sbe.scanner.window import SLOT_CALL, slot_call
 from sbe.scanner.x86 import MASK64
 
 
@@ -29,7 +32,10 @@ class Stub(Record):
         self.code = code
         self.trap = trap            # offset of the body's int3
         self.resume = resume        # offset where the stub goes on after that trap
-        self.displaced = displaced  # (offset in the stub, original address) of each displaced insn
+        # (offset in the stub, original address) of each point where the guest's
+        # state is that of an original instruction: each displaced one's, and a slot
+        # call's check, which a thread found on the slot call is sent back to.
+        self.displaced = displaced
         # (offset in the stub, target, "guest" or "cache", bytes from the field's end
         # to the end of its instruction, whence the rel32 counts) of each rel32 it
         # holds: what `placed` re-aims when the same stub is wanted for code mapped
@@ -95,8 +101,10 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
             code += _aimed(relocate, site_raw, site_insn.address, here, fields, at)   # the host clock: native
         elif kind == "branch":
             is_call = site_insn.mnemonic.split()[-1] == "call"
+            slot = window.guard and slot_call(site_insn, kind)
             for scratch in ("r11", "r10"):
-                head, tail = stubs.branch_guard(scratch) if window.guard else stubs.branch_parts(is_call, scratch)
+                head, tail = (stubs.branch_slot(scratch) if slot else stubs.branch_guard(scratch) if window.guard
+                              else stubs.branch_parts(is_call, scratch))
                 try:
                     load = _aimed(load_operand, site_raw, site_insn.address, here + len(head.code), fields,
                                   at, scratch, stubs.BRANCH_BIAS)
@@ -111,8 +119,11 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
             trap = tail_at - at + tail.trap
             if not window.guard:
                 return Stub(code, trap, None, _offsets(placed, at), tuple(fields))   # a branch leaves for its target
-            fields.append((len(code) + 1, site_insn.address, "guest", 0))
-            code += stubs.jmp5(at + len(code), site_insn.address)   # the site runs as it is
+            if slot:
+                placed.append((here, site_insn.address))
+            back = window.end - SLOT_CALL if slot else site_insn.address   # the site runs as it is
+            fields.append((len(code) + 1, back, "guest", 0))
+            code += stubs.jmp5(at + len(code), back)
             return Stub(code, trap, None, _offsets(placed, at), tuple(fields))
         else:
             raise EmitError(f"no stub for kind {kind}")

@@ -38,7 +38,7 @@ from sbe.patcher.emit import EmitError, compose, detached, placed
 from sbe.patcher.sidecache import SideCache, find_gap
 from sbe.patcher.space import PATCH_REACH, AddressSpace
 from sbe.scanner.decode import Insn
-from sbe.scanner.window import JMP5, Fallback, Window, plan_windows
+from sbe.scanner.window import JMP5, SLOT_CALL, Fallback, Window, plan_windows, slot_call
 from sbe.scanner.x86 import MAX_INSN
 
 INT3 = b"\xcc"
@@ -92,11 +92,15 @@ def _slot(target: int) -> int:
     return 8 * (target % stubs.BRANCH_TABLE_SLOTS)
 
 
-def _window_bytes(start: int, end: int, site: int, guard: bool, stub: int, island: int = 0) -> bytes:
+def _window_bytes(start: int, end: int, site: int, guard: bool, stub: int, island: int = 0,
+                  slot: bool = False) -> bytes:
     """What a window [start, end) gets: the jump to its stub (or to its island),
     then int3 padding up to the window's end, or to the site when the site is
-    guarded (it keeps its own bytes)."""
+    guarded (it keeps its own bytes), or up to the `call [rsp - 8]` that ends a slot
+    call's window."""
     jump = stubs.jmp2(start, island) if island else stubs.jmp5(start, stub)
+    if slot:
+        return jump + INT3 * (end - SLOT_CALL - start - len(jump)) + stubs.SLOT_CALL_CODE
     return jump + INT3 * ((site if guard else end) - start - len(jump))
 
 
@@ -411,7 +415,8 @@ class Patcher:
                     return None
                 blob.append(stub.code)
                 start, end, island = base + plan[0], base + plan[1], plan[5] and base + plan[5]
-                written = _window_bytes(start, end, address, plan[4], stub_at, island)
+                written = _window_bytes(start, end, address, plan[4], stub_at, island,
+                                        plan[4] and slot_call(site, kind))
                 patched[start - page:start - page + len(written)] = written
                 if island:
                     patched[island - page:island - page + JMP5] = stubs.jmp5(island, stub_at)
@@ -498,7 +503,8 @@ class Patcher:
             # The island first: until the site's jump is written, nothing goes there.
             space.mem.write(window.island, stubs.jmp5(window.island, at))
         space.mem.write(window.start, _window_bytes(window.start, window.end, window.site.address,
-                                                    window.guard, at, window.island))
+                                                    window.guard, at, window.island,
+                                                    window.guard and slot_call(site, site.kind)))
         space.sites.add(site)
         self.costs.stub_seconds += time.perf_counter() - t0
 
@@ -536,9 +542,16 @@ class Patcher:
 
     def unplant(self, space: AddressSpace, site: Site) -> None:
         """Put the original bytes back under the site's patch (the site stays in the
-        table; its caller decides what it becomes)."""
+        table; its caller decides what it becomes). A slot call's stub, which a thread
+        may still be in, then leaves by its trap instead of for the window's `call
+        [rsp - 8]`: at its last jump, as at its trap, the guest's state is the site's,
+        and the monitor emulates the call."""
         for start, raw in site.patched_spans:
             space.mem.write(start, raw)
+        patch = site.patch
+        if patch is not None and patch.guarded and slot_call(site, site.kind):
+            back = patch.stub + patch.stub_size - JMP5
+            space.mem.write(back, stubs.jmp5(back, patch.trap))
 
     def demote(self, space: AddressSpace, site: Site, reason: str) -> None:
         """Turn a jmp5 site back into a trap: something will run inside its window."""

@@ -16,7 +16,7 @@ from sbe.meta.site import Site, SiteTable
 from sbe.patcher import cachedplan
 from sbe.patcher.sidecache import SideCache
 from sbe.scanner.decode import decode_from
-from sbe.scanner.window import ISLAND_REACH, JMP5
+from sbe.scanner.window import ISLAND_REACH, JMP5, SLOT_CALL, slot_call
 from sbe.scanner.x86 import MAX_INSN
 
 # The farthest from its site a patch writes: a window spans the site and its
@@ -189,6 +189,17 @@ class AddressSpace:
             if patch is not None and (patch.window_start < address < patch.window_end
                                       or 0 < patch.island <= address < patch.island + JMP5):
                 return site
+        return None
+
+    def slot_call_at(self, address: int):
+        """(site, patch) of the slot call (scanner.window.slot_call) that `address`
+        holds the window's `call [rsp - 8]` of, or None: a thread standing there has
+        run the site's stub, which left the target it checked at [rsp - 8]."""
+        for site in self.sites.in_range(address + SLOT_CALL - MAX_INSN, address + SLOT_CALL):
+            patch = site.patch
+            if (patch is not None and patch.guarded and patch.window_end - SLOT_CALL == address
+                    and slot_call(site, site.kind)):
+                return site, patch
         return None
 
     def island_site(self, address: int) -> Site | None:

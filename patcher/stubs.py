@@ -41,6 +41,9 @@ _CPUID = Body(*templates.CPUID)
 _BRANCH_HEADS = {scratch: Body(*t) for scratch, t in templates.BRANCH_HEADS.items()}
 _BRANCH_TAILS = {key: Body(*t) for key, t in templates.BRANCH_TAILS.items()}
 _BRANCH_GUARDS = {scratch: Body(*t) for scratch, t in templates.BRANCH_GUARDS.items()}
+_BRANCH_SLOTS = {scratch: Body(*t) for scratch, t in templates.BRANCH_SLOTS.items()}
+# What a slot call's window ends in (scanner.window.slot_call).
+SLOT_CALL_CODE = bytes.fromhex("ff5424f8")      # call qword ptr [rsp - 8]
 
 
 def syscall_body() -> Body:
@@ -88,6 +91,13 @@ def branch_guard(scratch: str) -> tuple[Body, Body]:
     same check as branch_parts', whose hit restores everything and leaves for the
     site itself, which then branches natively."""
     return _BRANCH_HEADS[scratch], _BRANCH_GUARDS[scratch]
+
+
+def branch_slot(scratch: str) -> tuple[Body, Body]:
+    """The head and check of a slot call (scanner.window.slot_call): the same check
+    as branch_parts', whose hit leaves the target at [rsp - 8] (rsp as at the site),
+    restores everything, and goes on to the window's SLOT_CALL."""
+    return _BRANCH_HEADS[scratch], _BRANCH_SLOTS[scratch]
 
 
 def rel32(source_end: int, target: int) -> bytes:

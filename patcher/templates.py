@@ -238,3 +238,50 @@ BRANCH_GUARDS = {
         38,
     ),
 }
+
+BRANCH_SLOTS = {
+    "r10": (
+        bytes.fromhex(
+            "450fb7da"            #  0: movzx r11d, r10w
+            "488b0d44444444"      #  4: mov rcx, qword ptr [rip + 0x44444444]
+            "4a8b0cd9"            # 11: mov rcx, qword ptr [rcx + r11*8]
+            "48f7d1"              # 15: not rcx
+            "4a8d4c1101"          # 18: lea rcx, [rcx + r10 + 1]
+            "e30e"                # 23: jrcxz 0x27
+            "59"                  # 25: pop rcx
+            "415b"                # 26: pop r11
+            "415a"                # 28: pop r10
+            "488da42488000000"    # 30: lea rsp, [rsp + 0x88]
+            "cc"                  # 38: int3
+            "4c89942498000000"    # 39: mov qword ptr [rsp + 0x98], r10
+            "59"                  # 47: pop rcx
+            "415b"                # 48: pop r11
+            "415a"                # 50: pop r10
+            "488da42488000000"    # 52: lea rsp, [rsp + 0x88]
+        ),
+        {"branch_table": 7},
+        38,
+    ),
+    "r11": (
+        bytes.fromhex(
+            "450fb7d3"            #  0: movzx r10d, r11w
+            "488b0d44444444"      #  4: mov rcx, qword ptr [rip + 0x44444444]
+            "4a8b0cd1"            # 11: mov rcx, qword ptr [rcx + r10*8]
+            "48f7d1"              # 15: not rcx
+            "4a8d4c1901"          # 18: lea rcx, [rcx + r11 + 1]
+            "e30e"                # 23: jrcxz 0x27
+            "59"                  # 25: pop rcx
+            "415a"                # 26: pop r10
+            "415b"                # 28: pop r11
+            "488da42488000000"    # 30: lea rsp, [rsp + 0x88]
+            "cc"                  # 38: int3
+            "4c899c2498000000"    # 39: mov qword ptr [rsp + 0x98], r11
+            "59"                  # 47: pop rcx
+            "415a"                # 48: pop r10
+            "415b"                # 50: pop r11
+            "488da42488000000"    # 52: lea rsp, [rsp + 0x88]
+        ),
+        {"branch_table": 7},
+        38,
+    ),
+}

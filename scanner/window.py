@@ -42,6 +42,7 @@ from .x86 import MAX_INSN, conditional_jump
 
 JMP5 = 5        # bytes of `jmp rel32`, the least a window holds
 JMP2 = 2        # bytes of `jmp rel8`, a padding window's jump to its island
+SLOT_CALL = 4   # bytes of `call qword ptr [rsp - 8]`, which ends a slot call's window
 ALIGN = 16      # the alignment a run of padding must end at to hold an island
 # The farthest an island lies from its site: `jmp rel8` reaches 128 bytes back and
 # 127 on from the end of its 2 bytes, and the island holds a jmp5 there.
@@ -87,7 +88,9 @@ class Window(namedtuple("Window", "site kind start end before after guard island
     order. `guard`: the site keeps its own bytes and runs natively once its stub has
     checked its target: the jump and its padding fill [start, site.address). The
     window still ends at the site's end, so nothing may land on the site itself:
-    every way to it goes through the check. `island`: where the window (the site
+    every way to it goes through the check. A guarded call through memory (a
+    *slot call*, see `slot_call`) keeps the call but not its bytes: the window ends
+    in `call [rsp - 8]`, where its stub left the target it checked. `island`: where the window (the site
     alone) holds `jmp rel8` to, 5 bytes of alignment padding that hold the `jmp rel32`
     to the stub (VirtualBox's patch manager and E9Patch jump through such
     trampolines when a site is too short for the long jump); 0 for none."""
@@ -105,7 +108,7 @@ class Window(namedtuple("Window", "site kind start end before after guard island
     def tactic(self) -> str:
         """Which tactic gave the window, as the statistics count it."""
         if self.guard:
-            return "guard"
+            return "slot" if slot_call(self.site, self.kind) else "guard"
         if self.island:
             return "padding"
         if self.before and self.after:
@@ -218,22 +221,25 @@ class _Planner:
             return self._reject(site, kind, "site", [PAGE_END])
         if site.address < self.floor:
             return self._reject(site, kind, "site", [EARLIER_WINDOW])
+        if guardable(site, kind) or slot_call(site, kind):
+            # A guard's jump fits before the site; a slot call's jump and its
+            # `call [rsp - 8]` fit before the site's end.
+            room = JMP5 if guardable(site, kind) else max(0, JMP5 + SLOT_CALL - site.size)
+            before, stop = self._backward(site, room)
+            count = _reach(before[::-1], room)
+            if stop is None and count is not None:
+                chosen = tuple(before[len(before) - count:])
+                stop = self._flaw([*chosen, site])
+                if stop is None:
+                    return self._accept(site, kind, chosen, (), guard=True)
+            self._count("slot" if slot_call(site, kind) else "guard", stop)
+
         need = JMP5 - site.size
         if need <= 0:
             flaw = self._flaw([site])
             if flaw is None:
                 return self._accept(site, kind, (), ())
             return self._reject(site, kind, "site", [flaw])
-
-        if guardable(site, kind):
-            before, stop = self._backward(site, JMP5)
-            count = _reach(before[::-1], JMP5)
-            if stop is None and count is not None:
-                chosen = tuple(before[len(before) - count:])
-                stop = self._flaw([*chosen, site])
-                if stop is None:
-                    return self._accept(site, kind, chosen, (), guard=True)
-            self._count("guard", stop)
 
         # A call returns to the instruction after it, which must stay where it is; a
         # jmp (or any terminator) ends its block. Every `branch` site is one or the
@@ -453,8 +459,23 @@ def guardable(site: Insn, kind: str) -> bool:
     return kind == "branch" and "[" not in site.op_str and "sp" not in site.op_str
 
 
+def slot_call(site: Insn, kind: str) -> bool:
+    """An indirect call through memory. Its stub cannot let the site run (it would
+    read the operand again after the check, and another thread may have written it
+    between), nor push the return address by hand (the callee's `ret` then matches
+    no `call`, a return-stack misprediction, and the returns after it fall out of
+    step). So the stub loads the target, checks it, leaves it at [rsp - 8], where the
+    call's own push will go, and jumps to the window's last 4 bytes: `call [rsp -
+    8]`, which ends where the site did and so pushes the site's own return address.
+    Below rsp at a call is the callee's, dead to the caller; a signal frame is built
+    below the red zone."""
+    return kind == "branch" and "[" in site.op_str and site.mnemonic.rpartition(" ")[2] == "call"
+
+
 def _reach(insns: list[Insn], need: int) -> int | None:
     """The fewest of `insns`, taken from the site outwards, that give `need` bytes."""
+    if need <= 0:
+        return 0
     total = 0
     for count, insn in enumerate(insns, 1):
         total += insn.size

@@ -50,6 +50,18 @@ def test_a_version_1_file_reads_with_no_islands(tmp_path):
         load(write_doc(tmp_path / "new.json", doc))
 
 
+def test_a_version_2_file_reads_with_no_tactics(tmp_path):
+    doc = good_doc()
+    doc["version"] = 2
+    for row in doc["sites"]:
+        del row["tactic"]
+    got = load(write_doc(tmp_path / "old.json", doc))
+    assert [row["tactic"] for row in got["sites"]] == [""] * len(doc["sites"])
+    doc["version"] = 3
+    with pytest.raises(SitesFileError, match="missing field 'tactic'"):
+        load(write_doc(tmp_path / "new.json", doc))
+
+
 def test_the_file_is_json_with_one_site_per_line(tmp_path):
     path = tmp_path / "sites.json"
     save(str(path), ["prog"], "emulate", rows())

@@ -89,7 +89,8 @@ def test_only_plans_of_the_bytes_and_the_scan_are_kept():
 
 def test_a_kept_guard_must_leave_the_site_its_bytes():
     """A guard keeps the site's own bytes: a record whose guard has less than the
-    jump's five bytes before the site, or guards a memory operand, is refused."""
+    jump's five bytes before the site, or guards a jmp through memory, is refused;
+    so is a slot call with less than the jump's and its `call [rsp - 8]`'s 9 bytes."""
     # mov rdi, rbx; mov rax, [rdi + 8]; call rax; ret
     code = bytes.fromhex("4889df" "488b4708" "ffd0" "c3").ljust(4096 + 15, b"\xcc")
     scan = scan_page(code, PAGE, {PAGE})
@@ -104,10 +105,13 @@ def test_a_kept_guard_must_leave_the_site_its_bytes():
     start, end, before, after, _, _ = sites[offset][4]
     short = (start + 3, end, before[1:], after, True, 0)     # only `mov rax, [rdi + 8]` before
     assert cachedplan.from_record(_with(record, offset, short), PAGE) is None
-    memory = dict(sites)
-    memory[offset] = (sites[offset][0], "branch", "call", "qword ptr [rax]", sites[offset][4], None)
-    assert cachedplan.from_record(PageRecord(record.starts, record.roots, record.targets, memory,
-                                             record.exits), PAGE) is None
+    def with_site(mnemonic, op_str, plan):
+        changed = dict(sites)
+        changed[offset] = (sites[offset][0], "branch", mnemonic, op_str, plan, None)
+        return PageRecord(record.starts, record.roots, record.targets, changed, record.exits)
+    assert cachedplan.from_record(with_site("jmp", "qword ptr [rax]", sites[offset][4]), PAGE) is None
+    assert cachedplan.from_record(with_site("call", "qword ptr [rax]", sites[offset][4]), PAGE) is not None
+    assert cachedplan.from_record(with_site("call", "qword ptr [rax]", short), PAGE) is None
 
 
 # ret; nop x 15; then at +16 a loop head no window fits: rdtsc (a target), then a

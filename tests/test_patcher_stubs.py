@@ -14,7 +14,7 @@ from sbe.meta.syscalls import TRAPS_IN_STUB
 from sbe.patcher import stubs, templates
 from sbe.patcher.emit import compose, detached, placed
 from sbe.scanner.decode import Insn
-from sbe.scanner.window import Window
+from sbe.scanner.window import SLOT_CALL, Window
 
 CS = Cs(CS_ARCH_X86, CS_MODE_64)
 CS_DETAIL = Cs(CS_ARCH_X86, CS_MODE_64)
@@ -25,6 +25,7 @@ BODIES = {
     **{f"branch-{'call' if c else 'jmp'}-{r}-{part}": body
        for c in (True, False) for r in ("r10", "r11")
        for part, body in zip(("head", "tail"), stubs.branch_parts(c, r))},
+    **{f"branch-slot-{r}": stubs.branch_slot(r)[1] for r in ("r10", "r11")},
 }
 
 
@@ -35,6 +36,24 @@ def test_templates_decode_whole(name):
     assert sum(i.size for i in insns) == len(body.code)
     for field, offset in body.fields.items():
         assert any(i.address < offset < i.address + i.size for i in insns), field
+
+
+def test_a_slot_call_window_ends_in_the_call_it_is_named_for():
+    """The window's last bytes decode as `call qword ptr [rsp - 8]`, as long as
+    scanner.window.SLOT_CALL says, and a slot stub jumps back to them."""
+    (insn,) = CS.disasm(stubs.SLOT_CALL_CODE, 0)
+    assert (insn.mnemonic, insn.op_str, insn.size) == ("call", "qword ptr [rsp - 8]", SLOT_CALL)
+    site = Insn(0x401007, 3, "call", "qword ptr [rax + 0x30]")
+    before = (Insn(0x401000, 3, "mov", "rdi, rbx"), Insn(0x401003, 4, "mov", "rax, qword ptr [r12]"))
+    window = Window(site, "branch", 0x401000, 0x40100a, before, (), True)
+    cache = type("Cache", (), {"gadget_slot": 0x500000, "cpuid_table": 0x500040,
+                               "branch_slot": 0x500008})()
+    raw = bytes.fromhex("4889df" "498b0424" "ff5030")
+    stub = compose("branch", site, window, raw, 0x500400, cache)
+    last = list(CS.disasm(stub.code, 0x500400))[-1]
+    assert (last.mnemonic, int(last.op_str, 16)) == ("jmp", window.end - SLOT_CALL)
+    # The check is where a thread on the slot call goes back to: the site's state.
+    assert stub.displaced == ((0, 0x401000), (3, 0x401003), (7, site.address))
 
 
 def test_a_restarted_syscall_traps_again():

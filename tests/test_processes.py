@@ -136,6 +136,29 @@ def test_short_sites_between_landing_points_jump_through_padding(guests, tmp_pat
             assert head["island"] - head["address"] == symbols[f"pad_{loop}_padding"] - symbols[f"pad_{loop}_head"]
 
 
+@pytest.mark.timeout(120)
+def test_calls_through_memory_run_as_slot_calls(guests, tmp_path):
+    """slotcall's calls through [reg + disp8], [reg + disp32], [rip + disp32] and
+    [rsp] each end their window in `call [rsp - 8]` (tactic "slot"), cold and warm:
+    output as native, in 4 threads at once, where each callee sees its own call
+    site's return address and a SIGALRM handler never sees a rip off an instruction
+    boundary (a thread caught on a slot call is shown at its site)."""
+    prog = guests / "slotcall"
+    native = run_cmd([str(prog), "threads"])
+    symbols = symbol_offsets(prog)
+    sites = tmp_path / "sites.json"
+    for run in ("cold", "warm"):
+        virt = run_sbe([str(prog), "threads"], mode="patch", timeout=60,
+                       extra=["--cache-dir", str(tmp_path / "cache"), "--sites-out", str(sites)])
+        assert (virt.stdout, virt.status) == (native.stdout, native.status), run
+        rows = {r["offset"]: r for r in json.loads(sites.read_text())["sites"]
+                if r["module"] == os.path.realpath(prog)}
+        for loop in ("disp8", "disp32", "rip", "rsp"):
+            call = rows[symbols[f"slot_{loop}_b3"]]
+            assert (call["strategy"], call["tactic"]) == ("jmp5", "slot"), (run, loop, call["reason"])
+            assert call["window_end"] == call["address"] + call["size"]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", MODES)
 def test_sigterm_to_sbe_reaches_the_guest(mode):

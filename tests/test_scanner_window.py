@@ -20,8 +20,8 @@ from sbe.scanner.decode import Insn, decode_from
 from sbe.scanner.sensitive import classify, direct_target, is_terminator
 from sbe.scanner.window import (BLOCK_TOO_SHORT, EARLIER_WINDOW, END_NOT_BOUNDARY, ENDBR, JMP5,
                             KIND_TRAPS, NO_PADDING, OTHER_SITE, OVERLAPPING, PAGE_END, PAGE_START,
-                            PATCHABLE_KINDS, REASONS, RELATIVE_BRANCH, TARGET_INSIDE, UNDECODED,
-                            Fallback, Window, branch_targets, plan_windows)
+                            PATCHABLE_KINDS, REASONS, RELATIVE_BRANCH, SLOT_CALL, TARGET_INSIDE,
+                            UNDECODED, Fallback, Window, branch_targets, plan_windows)
 
 KS = Ks(KS_ARCH_X86, KS_MODE_64)
 CS = Cs(CS_ARCH_X86, CS_MODE_64)
@@ -195,15 +195,21 @@ def check_plans(code, base, end, starts, sites, targets, kinds, plans):
         assert window_flaws(code, base, end, starts, site_addresses, targets, chain) == []
         assert all(movable(insn, site_addresses, before=True) for insn in window.before)
         assert all(movable(insn, site_addresses) for insn in window.after)
-        if window.site.size >= JMP5:
+        if window.site.size >= JMP5 and not window.guard:
             assert window.before == window.after == ()
         if not forward_allowed(window.site, window.kind):
             assert window.after == ()
+        if window.guard and "[" in window.site.op_str:
+            # A slot call: the jump and `call [rsp - 8]` fit, and no fewer
+            # instructions before the site would give them room.
+            assert window.site.mnemonic.split()[-1] == "call" and window.after == ()
+            assert window.size >= JMP5 + SLOT_CALL
+            assert not window.before or window.size - window.before[0].size < JMP5 + SLOT_CALL
+            continue
         if window.guard:
             # The site keeps its bytes: the jump and its padding lie before it, and the
             # site is a branch through a register the stub's check reads.
             assert window.kind == "branch" and window.after == ()
-            assert "[" not in window.site.op_str
             assert JMP5 <= window.site.address - window.start < JMP5 + window.before[0].size
             continue
         # Minimal: without its outermost displaced instruction it would be too short.
@@ -486,8 +492,33 @@ def test_branch_site_extends_backwards(branch):
     page = Page(asm(f"nop; mov rax, qword ptr [rdi + 8]; {branch}; mov rdi, rax; ret"))
     window = only(page, branch.split()[0])
     assert window.after == ()
-    # Through a register: the stub checks, and the site itself branches.
+    # Through a register: the stub checks, and the site itself branches. (A call
+    # through memory has 5 bytes before it here, one short of a slot call's room.)
     assert window.tactic == ("backward" if "[" in branch else "guard")
+
+
+@pytest.mark.parametrize("branch, before", [
+    ("call qword ptr [rax + 0x30]", "mov rax, qword ptr [rdi + 8]; mov esi, ebx"),   # 3 bytes: 6 before
+    ("call qword ptr [rax + 0xe0]", "mov esi, ebx; xor edx, edx"),                   # 6 bytes: 3 before
+    ("call qword ptr [rip + 0x1000]", "mov esi, ebx; xor edx, edx"),
+    ("call qword ptr [rsp + 0x10]", "mov rax, qword ptr [rdi + 8]; mov esi, ebx"),
+])
+def test_a_slot_call_needs_room_for_the_jump_and_its_call(branch, before):
+    """The window holds the jump to the stub and, at its end, `call [rsp - 8]`:
+    9 bytes with the site's, from as few instructions before it as give them."""
+    window = only(Page(asm(f"nop; {before}; {branch}; ret")), "call")
+    assert window.tactic == "slot" and window.end == window.site.end and window.after == ()
+    assert window.size >= JMP5 + SLOT_CALL
+    assert window.size - window.before[0].size < JMP5 + SLOT_CALL
+    # Short of the room (the page starts 2 bytes before the site): other tactics.
+    short = only(Page(asm(f"xor edx, edx; {branch}; ret")), "call")
+    assert not (isinstance(short, Window) and short.tactic == "slot")
+
+
+def test_no_slot_call_when_control_may_land_on_the_site():
+    page = Page(asm("mov rax, qword ptr [rdi + 8]; mov esi, ebx; call qword ptr [rax + 0x30]; ret"))
+    site = page.site("call")
+    assert only(page, "call", targets={site.address}).reason == TARGET_INSIDE
 
 
 @pytest.mark.parametrize("branch", ["call rax", "jmp rdx", "call r8"])
@@ -687,9 +718,14 @@ def reference_window(code, end, starts, sites, targets, kinds, site, kind, floor
     if kind not in kinds or site.address < floor:
         return None
     site_addresses = {insn.address for insn, _ in sites}
-    if kind == "branch" and "[" not in site.op_str and "sp" not in site.op_str:
+    register = kind == "branch" and "[" not in site.op_str and "sp" not in site.op_str
+    memory_call = kind == "branch" and "[" in site.op_str and site.mnemonic.split()[-1] == "call"
+    if register or memory_call:
         guards = []
-        for start in range(max(floor, BASE, site.address - 20), site.address - JMP5 + 1):
+        # A guard's jump fits before the site; a slot call's jump and `call [rsp - 8]`
+        # before its end.
+        last = site.address - JMP5 if register else min(site.address, site.end - JMP5 - SLOT_CALL)
+        for start in range(max(floor, BASE, site.address - 20), last + 1):
             chain = tiling(code, starts, start, site.end)
             if chain is None or chain[-1] != site:
                 continue

@@ -57,6 +57,13 @@ class VerifyingSession(Session):
         if state is None or not state.scanned:
             self.violations.append(f"{ran:#x}: ran from an unscanned page")
             return
+        slot = space.slot_call_at(ran)
+        if slot is not None:
+            # A slot call's `call [rsp - 8]` runs once its stub has checked the target.
+            stub = slot[1]
+            if before is None or not stub.stub <= before < stub.stub + stub.stub_size:
+                self.violations.append(f"{ran:#x}: slot call of `{slot[0].insn}` entered other than from its stub")
+            return
         if ran not in state.starts:
             self.violations.append(f"{ran:#x}: ran at an offset no scan decoded")
             return

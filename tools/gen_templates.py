@@ -149,6 +149,17 @@ def branch_tail_text(is_call: bool, scratch: str, at: dict) -> str:
     """
 
 
+def branch_slot_text(scratch: str, at: dict) -> str:
+    """The check of a slot call (scanner.window.slot_call): a hit leaves the target
+    at [rsp - 8] as the site sees rsp, restores everything, and the emitter's jump
+    to the window's `call [rsp - 8]` follows."""
+    return _check_text(scratch, at, f"""
+        mov qword ptr [rsp + {24 + RED_ZONE}], {scratch}
+    """) + f"""
+        lea rsp, [rsp + {RED_ZONE + 8}]
+    """
+
+
 def branch_guard_text(scratch: str, at: dict) -> str:
     """The check of a guarded site (scanner.window.Window.guard): a hit restores
     everything and goes on to the site itself (the emitter's jump back follows)."""
@@ -198,6 +209,7 @@ def templates() -> dict:
         "BRANCH_TAILS": {(is_call, scratch): template(partial(branch_tail_text, is_call, scratch))
                          for is_call in (False, True) for scratch in SCRATCH},
         "BRANCH_GUARDS": {scratch: template(partial(branch_guard_text, scratch)) for scratch in SCRATCH},
+        "BRANCH_SLOTS": {scratch: template(partial(branch_slot_text, scratch)) for scratch in SCRATCH},
     }
 
 
