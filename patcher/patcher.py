@@ -211,12 +211,45 @@ class Patcher:
                 if world is not None:
                     avoid = avoid | world()
                 self.demote(space, inside, "branch target inside window")
+                if world is not None and state.scanned and state.has_start(target):
+                    new_sites += self._replan(space, inside, avoid | {target}, remote)
             if state.scanned and state.has_start(target):
                 continue
             planted, outside = self._scan_one(space, target, state, remote, avoid, world)
             new_sites += planted
             work += self._outside(space, outside)
         return new_sites
+
+    def _replan(self, space, site: Site, avoid: frozenset, remote) -> list[Site]:
+        """A site just demoted, because control lands inside its window, planned
+        again with what its page knows now (the landing among its arrivals): often
+        a window that starts where control landed, which is the plan a later run's
+        fresh look at the page makes too. Kept a trap when the new window would
+        touch another patch (planning sees only the site's own page's knowledge, not
+        the windows already there). Every thread is stopped, and `avoid` holds where
+        they stand. Returns the site planted, if it was."""
+        page = page_of(site.address)
+        state = space.pages.get(page)
+        if space.mode != "patch" or state is None:
+            return []
+        code = space.original(page, PAGE + MAX_INSN)
+        arrivals = state.roots | avoid
+        (plan,) = plan_windows(code, page, page + PAGE, state.starts,
+                               [(Insn(site.address, site.size, site.mnemonic, site.op_str), site.kind)],
+                               state.targets | arrivals, arrivals=arrivals)
+        if isinstance(plan, Fallback):
+            return []
+        spans = [(plan.start, plan.end)] + ([(plan.island, plan.island + JMP5)] if plan.island else [])
+        for other in space.sites.in_range(plan.start - PATCH_REACH, plan.end + PATCH_REACH):
+            if other is not site and other.patch is not None and any(
+                    start < s_end and s_start < start + len(raw)
+                    for s_start, s_end in spans for start, raw in other.patched_spans):
+                return []
+        space.sites.remove(site.address)
+        self.costs.fallbacks -= Counter({site.reason: 1})     # a trap no longer
+        planted = self.plant(space, plan, code, page, remote, _near(avoid, page, state), space.binding_of(page))
+        planted.hits = site.hits
+        return [planted]
 
     def _scan_one(self, space, target, state, remote, avoid, world) -> tuple[list[Site], list[int]]:
         """One page's scan from `target`: the sites planted, and the entries it found
