@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run sbe from this checkout (default: this one), e.g. a `git archive` "
                         "snapshot while the work tree is being edited")
     p.add_argument("--no-install", action="store_true",
-                   help="do not run bench/setup.sh when strace/valgrind/qemu-x86_64 is missing")
+                   help="do not run bench/setup.sh when strace/valgrind/qemu-x86_64/node is missing")
     args = p.parse_args(argv)
     if args.quick:
         args.repeat = 1
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     all_runners = rn.make_runners(Path(args.sbe_root).resolve())
     sel_runners = [r for r in all_runners if any(selected(args, r.name, w) for w in wl.NAMES)]
     missing = [r.tool for r in sel_runners if r.tool in rn.PEERS and not shutil.which(r.tool)]
+    if any(selected(args, r.name, "node") for r in sel_runners) and not shutil.which("node"):
+        missing.append("node")
     if missing and not args.no_install:
         print(f"missing {', '.join(missing)}: running bench/setup.sh to install them", flush=True)
         subprocess.run(["sh", str(HERE / "setup.sh")])

@@ -26,6 +26,8 @@ GUESTS = [
     ("startup", "returns 0 at once: start-up and exit cost"),
 ]
 PY_CODE = "print(sum(i * i for i in range(25_000_000)))"
+# A JIT-compiled hot loop: V8 writes its machine code at run time.
+NODE_CODE = "let s = 0; for (let i = 0; i < 3e8; i++) s += i % 7; console.log(s)"
 # The per-stub table: (site kind, loop count, target of added ns per site or None,
 # target of absolute ns per site or None); see guests/bench/stubs.c.
 STUB_KINDS = [
@@ -36,7 +38,8 @@ STUB_KINDS = [
     ("call", 10_000_000, None, None),
     ("jmp", 10_000_000, None, None),
 ]
-NAMES = [g for g, _ in GUESTS] + ["stubs", "threads", "ls", "sha256sum", "python3", "true", "python3-pass", "sh50", "gcc"]
+NAMES = [g for g, _ in GUESTS] + ["stubs", "threads", "ls", "sha256sum", "python3", "node", "true", "python3-pass",
+                                  "sh50", "gcc"]
 # A small translation unit for `gcc -O2 -c`: driver, cc1 and as, three programs.
 GCC_SOURCE = """#include <stdio.h>
 #include <stdlib.h>
@@ -103,6 +106,7 @@ def all_workloads(tmp: Path) -> list[Workload]:
         Workload("sha256sum", [_which("sha256sum"), str(data)],
                  f"sha256sum of a {DATA_MIB} MiB file"),
         Workload("python3", [_python3(), "-c", PY_CODE], f"python3 -c '{PY_CODE}' (~1 s)"),
+        Workload("node", [_which("node"), "-e", NODE_CODE], f"node -e '{NODE_CODE}' (a JIT's hot loop, ~0.7 s)"),
         Workload("true", [_which("true")], "/bin/true: start-up alone, through ld.so and libc"),
         Workload("python3-pass", [_python3(), "-c", "pass"], "python3 -c pass: an interpreter's start-up"),
         Workload("sh50", ["/bin/sh", "-c", "for i in $(seq 50); do /bin/true; done"],
