@@ -281,8 +281,9 @@ class Session:
             return Resume(request=pt.PTRACE_LISTEN)
         if self.switch_requested and thread.space is not None:
             # Not just after an int3 of sbe's: that SIGTRAP is still to come, and is
-            # handled first (a stop after it asks for the switch again).
-            if thread.space.trap_at(pt.getregs(thread.tid).rip - 1) is None:
+            # handled first (a stop after it asks for the switch again). The switch
+            # runs syscalls in this thread, which would take that SIGTRAP unseen.
+            if self._trap_pending(thread, pt.getregs(thread.tid)) is None:
                 self.switch_modes(thread)
         return Resume()
 
@@ -343,11 +344,7 @@ class Session:
         if found is not None:
             return self.on_site(thread, *found, regs)
         if rip in (gadget.SYSCALL_TRAP, gadget.INT80_TRAP) and thread.gadget is not None:
-            done, thread.gadget = thread.gadget, None
-            regs.rip = done.resume
-            if rip == gadget.SYSCALL_TRAP:
-                regs.rcx = done.site.end    # what the site's own syscall would have left
-            pt.setregs(thread.tid, regs)
+            self._gadget_returns(thread, regs)
             return Resume()
         if space is not None and space.in_cache(rip) and regs.eflags & TRAP_FLAG:
             # A single-step trap inside a stub, with the trap flag still set: a step
@@ -358,6 +355,27 @@ class Session:
             pt.setregs(thread.tid, regs)
             return Resume()
         return self.deliver(thread, signal.SIGTRAP)
+
+    @staticmethod
+    def _gadget_returns(thread: Thread, regs) -> None:
+        """A syscall the monitor ran for a site in the gadget is done (the thread is
+        just after the gadget's int3): on to where the site goes on."""
+        done, thread.gadget = thread.gadget, None
+        if regs.rip == gadget.SYSCALL_TRAP:
+            regs.rcx = done.site.end    # what the site's own syscall would have left
+        regs.rip = done.resume
+        pt.setregs(thread.tid, regs)
+
+    @staticmethod
+    def _trap_pending(thread: Thread, regs):
+        """What a thread just after one of sbe's int3s stands after, its SIGTRAP not
+        handled yet: (site, patch) of a site's or stub's int3, "gadget" after the
+        gadget's (its syscall for a site done), else None."""
+        space = thread.space
+        found = space.trap_at(regs.rip - 1)
+        if found is None and regs.rip in (gadget.SYSCALL_TRAP, gadget.INT80_TRAP) and thread.gadget is not None:
+            return "gadget"
+        return found
 
     def on_site(self, thread: Thread, site, patch, regs) -> Resume | None:
         """A trap at a site's int3 (`patch` None), or at the int3 of a stub of it
@@ -479,20 +497,24 @@ class Session:
         return self.thread_rips(space)
 
     def _settle_trap(self, thread: Thread, status: int) -> int:
-        """A task the world stop caught just after one of sbe's int3 (a site's, or a
-        stub's trap) has not had its SIGTRAP handled: its stop is that SIGTRAP, or an
-        interrupt with the SIGTRAP still pending. What is about to be re-planted may
-        be that very int3, and a trap handled after the re-planting would no longer
-        name its site. So the SIGTRAP is taken now and dropped, and the task goes
-        back to the site, where its registers are (an int3 changes only rip): it
-        meets the site again in its new form. Returns the status to queue for it
-        (an interrupt, which resumes it with no signal)."""
+        """A task the world stop caught just after one of sbe's int3 (a site's, a
+        stub's trap, or the gadget's) has not had its SIGTRAP handled: its stop is
+        that SIGTRAP, or an interrupt with the SIGTRAP still pending. What is about
+        to be re-planted may be that very int3, and a trap handled after the
+        re-planting would no longer name its site. So the SIGTRAP is taken now and
+        dropped, and the task goes back to the site, where its registers are (an
+        int3 changes only rip): it meets the site again in its new form. After the
+        gadget's int3 it goes on where its site does, as the trap would have sent
+        it (a pending SIGTRAP left there was taken unseen by the next remote
+        syscall run in the task, and the task then ran on into the gadget's
+        padding). Returns the status to queue for it (an interrupt, which resumes
+        it with no signal)."""
         interrupt = (pt.PTRACE_EVENT_STOP << 16) | (signal.SIGTRAP << 8) | 0x7F
         space = thread.space
         if space is None or os.WSTOPSIG(status) != signal.SIGTRAP or status >> 16 not in (0, pt.PTRACE_EVENT_STOP):
             return status
         regs = pt.getregs(thread.tid)
-        found = space.trap_at(regs.rip - 1)
+        found = self._trap_pending(thread, regs)
         if found is None:
             return status
         if status >> 16:
@@ -501,6 +523,9 @@ class Session:
             self.stats.stops += 1
             if not os.WIFSTOPPED(status) or os.WSTOPSIG(status) != signal.SIGTRAP or status >> 16:
                 return status
+        if found == "gadget":
+            self._gadget_returns(thread, regs)
+            return interrupt
         regs.rip = found[0].address
         pt.setregs(thread.tid, regs)
         return interrupt
