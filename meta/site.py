@@ -157,8 +157,14 @@ class SiteTable:
         self._by_stub: dict[int, tuple[Site, Patch]] = {}
         self._by_trap: dict[int, tuple[Site, Patch]] = {}
         self._retired: set[int] = set()        # starts of stubs whose patch is gone
+        self.changes = 0    # counts every add, remove and new patch: what was read of the table is stale
+
+    def pages(self) -> list[int]:
+        """The pages that hold sites, in order."""
+        return sorted(self._by_page)
 
     def add(self, site: Site) -> None:
+        self.changes += 1
         self._by_address[site.address] = site
         self._by_page.setdefault(page_of(site.address), set()).add(site.address)
         self._index(site)
@@ -166,6 +172,7 @@ class SiteTable:
     def remove(self, address: int) -> Site | None:
         site = self._by_address.pop(address, None)
         if site is not None:
+            self.changes += 1
             page = page_of(address)
             bucket = self._by_page[page]
             bucket.discard(address)
@@ -175,6 +182,7 @@ class SiteTable:
         return site
 
     def set_patch(self, site: Site, patch: Patch | None) -> None:
+        self.changes += 1
         if site.address in self._by_address:
             self._retire(site.patch)
         site.patch = patch

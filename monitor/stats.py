@@ -63,6 +63,7 @@ class Stats(Record):
             "switches": list(self.switches),
             "cache_flushes": self.patching.flushes,
             "false_sites": self.patching.false_sites,
+            "copies_undone": self.patching.copies_undone,
         }
 
     def render(self) -> str:
@@ -84,7 +85,8 @@ class Stats(Record):
         if self.patching.fallbacks:
             lines.append("  int3 in patch mode: " + ", ".join(f"{v} {k}" for k, v in self.patching.fallbacks.most_common()))
         lines.append(f"  stub generation: {d['stub_ms']} ms; side cache flushes: {self.patching.flushes}; "
-                     f"false sites undone: {self.patching.false_sites}")
+                     f"false sites undone: {self.patching.false_sites}; "
+                     f"copies of patched pages given their original bytes: {self.patching.copies_undone}")
         if self.switches:
             lines.append("  mode switches: " + " -> ".join(self.switches))
         lines.append(f"  processes: {self.processes}, threads: {self.threads}, wall: {d['wall_s']} s")

@@ -33,7 +33,7 @@ from sbe.meta.record import Record
 from sbe.meta.scancache import Entry
 from sbe.meta.site import Patch, Site
 from sbe.meta.syscalls import SYS
-from sbe.patcher import cachedplan, gadget, stubs
+from sbe.patcher import cachedplan, copies, gadget, stubs
 from sbe.patcher.emit import EmitError, compose, detached, placed
 from sbe.patcher.sidecache import SideCache, find_gap
 from sbe.patcher.space import PATCH_REACH, AddressSpace
@@ -63,7 +63,7 @@ class PatchPolicy:
 class PatchCosts(Record):
     """What patching cost and how it went, over every space of a run."""
     __slots__ = ("scan_seconds", "stub_seconds", "pages_scanned", "pages_cached", "swept", "fallbacks",
-                 "flushes", "false_sites")
+                 "flushes", "false_sites", "copies_undone")
 
     def __init__(self) -> None:
         self.scan_seconds = 0.0
@@ -74,6 +74,7 @@ class PatchCosts(Record):
         self.fallbacks: Counter = Counter()   # why a site stayed int3
         self.flushes = 0
         self.false_sites = 0
+        self.copies_undone = 0      # anonymous pages found to be copies of patched ones (patcher.copies)
 
 
 def shifted(plan, delta: int):
@@ -258,6 +259,8 @@ class Patcher:
         fresh = not state.scanned
         entries = (state.entries | {target}) if fresh else {target}
         t0 = time.perf_counter()
+        if fresh and space.binding_of(page) is None and space.modules.locate(page)[0] == "[anon]":
+            self.costs.copies_undone += copies.undo_copied_patches(space, page)
         code = space.original(page, PAGE + MAX_INSN)
         # Here, not at import: the C scan loads libcapstone (a few ms), and a warm run
         # may scan nothing.

@@ -15,7 +15,7 @@ SAMPLE_GUESTS = [
     ("escape", []), ("sigsegv_handler", []), ("threads", ["2000"]), ("pagerace", []), ("forkwait", []),
     ("vforkexec", []), ("alarm", []), ("altstack", []), ("restart", []), ("rtsig", []),
     ("cancel", []), ("sigcontext", []), ("jobstop", []), ("latecode", ["2000"]),
-    ("padding", []), ("slotcall", []),
+    ("padding", []), ("slotcall", []), ("codecopy", []),
 ]
 
 
