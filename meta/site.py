@@ -157,14 +157,16 @@ class SiteTable:
         self._by_stub: dict[int, tuple[Site, Patch]] = {}
         self._by_trap: dict[int, tuple[Site, Patch]] = {}
         self._retired: set[int] = set()        # starts of stubs whose patch is gone
-        self.changes = 0    # counts every add, remove and new patch: what was read of the table is stale
+        # Pages whose sites changed (added, removed, patched) since a reader last
+        # took them (sbe.patcher.copies keeps a digest of each page that holds sites).
+        self.touched: set[int] = set()
 
-    def pages(self) -> list[int]:
-        """The pages that hold sites, in order."""
-        return sorted(self._by_page)
+    def take_touched(self) -> set[int]:
+        touched, self.touched = self.touched, set()
+        return touched
 
     def add(self, site: Site) -> None:
-        self.changes += 1
+        self.touched.add(page_of(site.address))
         self._by_address[site.address] = site
         self._by_page.setdefault(page_of(site.address), set()).add(site.address)
         self._index(site)
@@ -172,8 +174,8 @@ class SiteTable:
     def remove(self, address: int) -> Site | None:
         site = self._by_address.pop(address, None)
         if site is not None:
-            self.changes += 1
             page = page_of(address)
+            self.touched.add(page)
             bucket = self._by_page[page]
             bucket.discard(address)
             if not bucket:
@@ -182,7 +184,7 @@ class SiteTable:
         return site
 
     def set_patch(self, site: Site, patch: Patch | None) -> None:
-        self.changes += 1
+        self.touched.add(page_of(site.address))
         if site.address in self._by_address:
             self._retire(site.patch)
         site.patch = patch
@@ -266,4 +268,5 @@ class SiteTable:
         twin._by_stub = {stub: (twin_of(site), patch) for stub, (site, patch) in self._by_stub.items()}
         twin._by_trap = {trap: twin._by_stub[patch.stub] for trap, (_, patch) in self._by_trap.items()}
         twin._retired = set(self._retired)
+        twin.touched = set(self._by_page)    # the child's reader starts from nothing
         return twin

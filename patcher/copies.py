@@ -28,35 +28,39 @@ def undo_copied_patches(space, page: int) -> bool:
     code = space.mem.read_upto(page, PAGE)
     if len(code) != PAGE or not space.sites:
         return False
-    source = _index(space).get(_digest(code))
+    if space.patched_pages is None:
+        space.patched_pages = PatchedPages()
+    source = space.patched_pages.updated(space).get(_digest(code))
     if source is None or source == page or space.mem.read_upto(source, PAGE) != code:
         return False
     space.mem.write(page, space.original(source, PAGE))
     return True
 
 
+class PatchedPages:
+    """The digest of each page that holds sites, as it stands in memory, kept up to
+    date page by page: only the pages whose sites changed since are read again
+    (a warm node run looks here at every fresh page of JIT code, 1,500 pages each
+    time when the index was rebuilt whole: 12 ms a look)."""
+
+    def __init__(self) -> None:
+        self._of_page: dict[int, bytes] = {}
+        self._by_digest: dict[bytes, int] = {}
+
+    def updated(self, space) -> dict[bytes, int]:
+        """digest -> page, for the pages of `space` that hold sites."""
+        for page in space.sites.take_touched():
+            old = self._of_page.pop(page, None)
+            if old is not None and self._by_digest.get(old) == page:
+                del self._by_digest[old]
+            if not space.sites.in_range(page, page + PAGE):
+                continue
+            chunk = space.mem.read_upto(page, PAGE)
+            if len(chunk) == PAGE:
+                digest = self._of_page[page] = _digest(chunk)
+                self._by_digest.setdefault(digest, page)
+        return self._by_digest
+
+
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _index(space) -> dict[bytes, int]:
-    """The digest of each page that holds sites, as it stands in memory, built again
-    whenever the site table changed since."""
-    built = space.patched_digests
-    if built is not None and built[0] == space.sites.changes:
-        return built[1]
-    index: dict[bytes, int] = {}
-    pages = space.sites.pages()
-    run: list[int] = []
-    for page in pages + [None]:
-        if run and (page is None or page != run[-1] + PAGE):
-            data = space.mem.read_upto(run[0], len(run) * PAGE)
-            for i, start in enumerate(run):
-                chunk = data[i * PAGE:(i + 1) * PAGE]
-                if len(chunk) == PAGE:
-                    index.setdefault(_digest(chunk), start)
-            run = []
-        if page is not None:
-            run.append(page)
-    space.patched_digests = (space.sites.changes, index)
-    return index

@@ -54,7 +54,7 @@ class AddressSpace:
         self.program = ""                # a tag of the executable (see image.program_tag)
         self.deferred: dict[int, tuple] = {}   # page -> (binding, record): cached, planted at its fetch
         self.executed: set[int] = set()  # pages that faulted at a fetch: this program runs them
-        self.patched_digests: tuple | None = None   # see sbe.patcher.copies
+        self.patched_pages = None        # sbe.patcher.copies.PatchedPages, made at first use
 
     def fork(self, mem, pid: int) -> "AddressSpace":
         """The state of a child whose memory is a copy of this one's (side caches and
