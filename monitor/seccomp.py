@@ -22,35 +22,71 @@ SECCOMP_RET_TRACE = 0x7FF00000
 
 BPF_LD_W_ABS = 0x20
 BPF_JEQ_K = 0x15
+BPF_JGE_K = 0x35
 BPF_RET_K = 0x06
+# At most this many numbers are compared one by one; more are halved with a jge.
+_LEAF = 3
 
-def program() -> list[tuple[int, int, int, int]]:
+Insn = tuple[int, int, int, int]
+
+
+def program() -> list[Insn]:
     """The BPF program as (code, jt, jf, k) tuples; seccomp_data is
-    {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}."""
+    {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}.
+
+    The numbers the monitor must see are found by a binary search, not a chain of
+    compares: the filter runs on every syscall a stub makes, and a getppid from the
+    gadget went through all 23 compares (about 10 ns of the stub's 60).
+    """
     emulate_ret, patch_ret = gadget.SYSCALL_RET, gadget.PATCH_RET
     assert emulate_ret >> 32 == patch_ret >> 32
-    numbers = sorted(MUST_SEE)
-    n = len(numbers)
-    # Layout: 0 ld arch, 1 jeq, 2 ld ip.lo, 3 jeq emulate gadget, 4 jeq patch gadget,
-    # 5 ld ip.hi, 6 jeq, 7 ld nr, 8..8+n-1 jeq nr, 8+n ALLOW, 9+n TRACE.
-    # Jump offsets count from the next instruction.
-    trace_at = 9 + n
-    prog = [
-        (BPF_LD_W_ABS, 0, 0, 4),
-        (BPF_JEQ_K, 0, trace_at - 2, AUDIT_ARCH_X86_64),
-        (BPF_LD_W_ABS, 0, 0, 8),
-        (BPF_JEQ_K, 1, 0, emulate_ret & 0xFFFFFFFF),
-        (BPF_JEQ_K, 0, trace_at - 5, patch_ret & 0xFFFFFFFF),
-        (BPF_LD_W_ABS, 0, 0, 12),
-        (BPF_JEQ_K, 0, trace_at - 7, emulate_ret >> 32),
-        (BPF_LD_W_ABS, 0, 0, 0),
+    # (code, jt label, jf label, k) with labels resolved at the end; None falls through.
+    code: list[tuple[int, str | None, str | None, int]] = [
+        (BPF_LD_W_ABS, None, None, 4),
+        (BPF_JEQ_K, None, "trace", AUDIT_ARCH_X86_64),
+        (BPF_LD_W_ABS, None, None, 8),
+        (BPF_JEQ_K, "ip.hi", None, emulate_ret & 0xFFFFFFFF),
+        (BPF_JEQ_K, None, "trace", patch_ret & 0xFFFFFFFF),
+        ("ip.hi", None, None, 0),
+        (BPF_LD_W_ABS, None, None, 12),
+        (BPF_JEQ_K, None, "trace", emulate_ret >> 32),
+        (BPF_LD_W_ABS, None, None, 0),
     ]
-    for i, nr in enumerate(numbers):
-        here = 8 + i
-        prog.append((BPF_JEQ_K, trace_at - here - 1, 0, nr))
-    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
-    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_TRACE))
-    return prog
+    code += _search(sorted(MUST_SEE), "n")
+    code += [("allow", None, None, 0), (BPF_RET_K, None, None, SECCOMP_RET_ALLOW),
+             ("trace", None, None, 0), (BPF_RET_K, None, None, SECCOMP_RET_TRACE)]
+    return _assemble(code)
+
+
+def _search(numbers: list[int], name: str) -> list:
+    """Code that jumps to "trace" if the accumulator is one of the sorted `numbers`
+    and to "allow" if not."""
+    if len(numbers) <= _LEAF:
+        return [(BPF_JEQ_K, "trace", None if nr != numbers[-1] else "allow", nr) for nr in numbers]
+    mid = len(numbers) // 2
+    upper = name + "1"
+    return ([(BPF_JGE_K, upper, None, numbers[mid])] + _search(numbers[:mid], name + "0")
+            + [(upper, None, None, 0)] + _search(numbers[mid:], upper))
+
+
+def _assemble(code: list) -> list[Insn]:
+    """Resolve labels (a string in the code position marks one) to jump offsets, which
+    count from the next instruction."""
+    where, pc = {}, 0
+    for op, *_ in code:
+        if isinstance(op, str):
+            where[op] = pc
+        else:
+            pc += 1
+    out: list[Insn] = []
+    for op, jt, jf, k in code:
+        if isinstance(op, str):
+            continue
+        here = len(out) + 1
+        off = [where[t] - here if t else 0 for t in (jt, jf)]
+        assert all(0 <= o < 256 for o in off), "a BPF jump reaches 255 instructions at most"
+        out.append((op, off[0], off[1], k))
+    return out
 
 
 def install() -> None:
