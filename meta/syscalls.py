@@ -135,7 +135,7 @@ POLICY = (
     Policy("shmat", "a shared mapping may be executable"),
     Policy("rt_sigaction", "a handler is an entry the scan must know", hook="rt_sigaction"),
     Policy("rt_sigreturn", "its frame is at rsp, and translated frames are restored",
-           traps_in_stub=True, hook="rt_sigreturn"),
+           hook="rt_sigreturn"),
     Policy("clone", _STACK, traps_in_stub=True),
     Policy("fork", _STACK, traps_in_stub=True),
     Policy("vfork", _STACK, traps_in_stub=True),

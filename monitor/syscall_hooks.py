@@ -12,6 +12,7 @@ from sbe.meta import syscalls
 from sbe.meta.pagemap import PAGE, PROT_EXEC
 from sbe.monitor import ptrace_api as pt
 from sbe.monitor import codecache, sigframe
+from sbe.patcher import gadget
 
 SA_RESTORER = 0x04000000
 SIG_IGN = 1
@@ -117,6 +118,11 @@ def rt_sigaction(session, thread, regs):
 def rt_sigreturn(session, thread, regs):
     # The frame restores every register: a gadget return pending for this thread is moot.
     thread.gadget = None
+    if regs.rip == gadget.PATCH_RET:
+        # From a patch stub, which lowered rsp by its red-zone skip and the address it
+        # pushed: the kernel reads the frame at rsp, so rsp goes back to the site's.
+        regs.rsp += sigframe.CALL_SKIP
+        pt.setregs(thread.tid, regs)
     if thread.frames:
         sigframe.restore_on_sigreturn(thread, thread.space, regs.rsp)
     sigframe.frame_off_slot_call(thread.space, regs.rsp)

@@ -51,8 +51,10 @@ def syscall_body() -> Body:
     pushes where to go on and jumps there, so they never leave the guest. The ones
     that must not run on a lowered stack or return through it
     (sbe.meta.syscalls.TRAPS_IN_STUB: clone/fork/vfork/clone3, whose child resumes
-    on another stack or shares this one, and rt_sigreturn, which reads its frame at
-    rsp) trap to the monitor instead.
+    on another stack or shares this one) trap to the monitor instead. rt_sigreturn,
+    which reads its frame at rsp, goes through the gadget too: the monitor sees it
+    there (seccomp) and raises rsp to the frame (syscall_hooks.rt_sigreturn), one
+    stop per signal where a trap in the stub took two.
     rcx is left as the site's own syscall would leave it (the address after the site).
     The trap is two int3s and the monitor resumes after both: when a signal restarts
     the syscall, the kernel rewinds rip by the length of a syscall instruction (2),

@@ -8,33 +8,31 @@ sbe.meta.syscalls.TRAPS_IN_STUB, rewrite this file with
 """
 
 # The syscalls SYSCALL traps for: sbe.meta.syscalls.TRAPS_IN_STUB when generated.
-TRAPS_IN_STUB = (15, 56, 57, 58, 435)  # rt_sigreturn, clone, fork, vfork, clone3
+TRAPS_IN_STUB = (56, 57, 58, 435)  # clone, fork, vfork, clone3
 
 SYSCALL = (
     bytes.fromhex(
         "488d642480"          #  0: lea rsp, [rsp - 0x80]
-        "8d48f1"              #  5: lea ecx, [rax - 0xf]
-        "e32f"                #  8: jrcxz 0x39
-        "8d48c8"              # 10: lea ecx, [rax - 0x38]
-        "e32a"                # 13: jrcxz 0x39
-        "8d48c7"              # 15: lea ecx, [rax - 0x39]
-        "e325"                # 18: jrcxz 0x39
-        "8d48c6"              # 20: lea ecx, [rax - 0x3a]
-        "e320"                # 23: jrcxz 0x39
-        "8d884dfeffff"        # 25: lea ecx, [rax - 0x1b3]
-        "e318"                # 31: jrcxz 0x39
-        "488d0d07000000"      # 33: lea rcx, [rip + 7]
-        "51"                  # 40: push rcx
-        "ff2511111111"        # 41: jmp qword ptr [rip + 0x11111111]
-        "488da42488000000"    # 47: lea rsp, [rsp + 0x88]
-        "eb0a"                # 55: jmp 0x43
-        "488da42480000000"    # 57: lea rsp, [rsp + 0x80]
-        "cc"                  # 65: int3
-        "cc"                  # 66: int3
-        "488d0d22222222"      # 67: lea rcx, [rip + 0x22222222]
+        "8d48c8"              #  5: lea ecx, [rax - 0x38]
+        "e32a"                #  8: jrcxz 0x34
+        "8d48c7"              # 10: lea ecx, [rax - 0x39]
+        "e325"                # 13: jrcxz 0x34
+        "8d48c6"              # 15: lea ecx, [rax - 0x3a]
+        "e320"                # 18: jrcxz 0x34
+        "8d884dfeffff"        # 20: lea ecx, [rax - 0x1b3]
+        "e318"                # 26: jrcxz 0x34
+        "488d0d07000000"      # 28: lea rcx, [rip + 7]
+        "51"                  # 35: push rcx
+        "ff2511111111"        # 36: jmp qword ptr [rip + 0x11111111]
+        "488da42488000000"    # 42: lea rsp, [rsp + 0x88]
+        "eb0a"                # 50: jmp 0x3e
+        "488da42480000000"    # 52: lea rsp, [rsp + 0x80]
+        "cc"                  # 60: int3
+        "cc"                  # 61: int3
+        "488d0d22222222"      # 62: lea rcx, [rip + 0x22222222]
     ),
-    {"gadget_slot": 43, "site_end": 70},
-    65,
+    {"gadget_slot": 38, "site_end": 65},
+    60,
 )
 
 CPUID = (
