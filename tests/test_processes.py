@@ -166,8 +166,9 @@ def test_sigterm_to_sbe_reaches_the_guest(mode):
     trap runs and its exit status is sbe's."""
     script = 'trap "echo got TERM; exit 5" TERM; echo ready; while :; do sleep 0.05; done'
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Unbuffered, so readline() reads nothing ahead that communicate() would not see.
     proc = subprocess.Popen(sbe_argv("run", "--mode", mode, "--", "bash", "-c", script),
-                            stdout=subprocess.PIPE, env=env, start_new_session=True)
+                            stdout=subprocess.PIPE, env=env, start_new_session=True, bufsize=0)
     try:
         assert proc.stdout.readline() == b"ready\n"
         proc.send_signal(signal.SIGTERM)

@@ -37,9 +37,11 @@ def switch_twice(prog, tmp_path, first, native):
     prog = str(prog)
     stats = tmp_path / "stats.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Unbuffered: communicate() reads the raw pipe, so output a buffered readline()
+    # had read ahead (the lines after a phase, when they come at once) would be lost.
     proc = subprocess.Popen(sbe_argv("run", "--mode", first, "--stats-json", str(stats), "--", prog),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                            start_new_session=True)
+                            start_new_session=True, bufsize=0)
     try:
         lines = [proc.stdout.readline()]
         for _ in range(2):
