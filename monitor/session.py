@@ -38,7 +38,7 @@ from sbe.monitor.image import setup_image
 from sbe.monitor.memory import GuestMemory
 from sbe.monitor.stats import Stats
 from sbe.monitor.syscall_hooks import HOOKS
-from sbe.monitor.waiting import GuestGone, reap_killed, run_until
+from sbe.monitor.waiting import GuestGone, reap_killed, run_until, signal_pending
 from sbe.patcher import gadget
 from sbe.patcher.patcher import INT3, Patcher, PatchPolicy
 from sbe.patcher.space import AddressSpace
@@ -518,6 +518,10 @@ class Session:
         if found is None:
             return status
         if status >> 16:
+            if not signal_pending(thread.tid, signal.SIGTRAP):
+                # Resumed just after a trap, not stopped after one: waiting for a
+                # SIGTRAP that never comes hung the world stop (the task ran on).
+                return status
             pt.resume(thread.tid)             # the pending SIGTRAP is taken first
             _, status = os.waitpid(thread.tid, pt.WALL)
             self.stats.stops += 1

@@ -72,3 +72,18 @@ def reap_killed(tids) -> None:
                 next_status(tid)
         except (GuestGone, ChildProcessError):
             pass
+
+
+def signal_pending(tid: int, sig: int) -> bool:
+    """Whether `sig` waits in the task's own pending set (its SigPnd in
+    /proc/TID/status): at an interrupt stop it tells a task that has just run an
+    int3, its SIGTRAP not taken yet, from one the monitor resumed just after one
+    (a cpuid stub goes on right after its trap), whose rips are the same."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigPnd:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
