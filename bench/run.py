@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             if not any(selected(args, r, w.name) for r in rn.NAMES):
                 continue
             results["workloads"].append({"name": w.name, "argv": w.argv, "about": w.about})
-            ref = None
+            ref = empty_ref = None
             for r in all_runners:
                 key = f"{r.name}:{w.name}"
                 base = {"runner": r.name, "workload": w.name}
@@ -285,10 +285,20 @@ def main(argv: list[str] | None = None) -> int:
                         failed = True      # a broken workload, not a slow one
                     ref = ref_out if cell["status"] == "ok" else None
                 failed |= cell["status"] == "mismatch"
+                if w.empty and cell["status"] == "ok":
+                    empty, empty_ref = measure(r.argv(w.empty, stats), args.repeat, args.timeout, env, cwd,
+                                               empty_ref if r.name != "native" else None, r.warmup, stats)
+                    if r.name == "native":
+                        empty_ref = empty_ref if empty["status"] == "ok" else None
+                    failed |= empty["status"] == "mismatch"
+                    cell["empty"] = {k: empty[k] for k in ("status", "reason", "times", "median")}
                 results["cells"][key] = {**base, **cell}
                 shown = f"{cell['median']:.3f} s" if cell["median"] is not None else ""
                 if "median_traps" in cell:
                     shown += f", {cell['median_traps']:.0f} traps"
+                if "empty" in cell:
+                    e = cell["empty"]
+                    shown += f"; doing nothing: {e['status']} {e['median'] or 0:.3f} s {e['reason']}".rstrip()
                 print(f"{cell['status']:8} {shown} {cell['reason']}".rstrip(), flush=True)
 
         stub_runners = [r for r in all_runners if r.name in ("native", "patch")
