@@ -39,16 +39,20 @@ def switch_twice(prog, tmp_path, first, native):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # Unbuffered: communicate() reads the raw pipe, so output a buffered readline()
     # had read ahead (the lines after a phase, when they come at once) would be lost.
-    proc = subprocess.Popen(sbe_argv("run", "--mode", first, "--stats-json", str(stats), "--", prog),
+    # -v: a guest killed by a signal is named on sbe's stderr, which pytest shows.
+    proc = subprocess.Popen(sbe_argv("run", "-v", "--mode", first, "--stats-json", str(stats), "--", prog),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                             start_new_session=True, bufsize=0)
     try:
         lines = [proc.stdout.readline()]
-        for _ in range(2):
+        for i in range(2):
             # The guest has printed its phase and now waits for stdin: switch, go on.
             proc.send_signal(signal.SIGUSR1)
-            proc.stdin.write(b"\n")
-            proc.stdin.flush()
+            try:
+                proc.stdin.write(b"\n")
+            except BrokenPipeError:
+                pytest.fail(f"sbe and its guest were gone at switch {i + 1} (sbe's status "
+                            f"{proc.wait(timeout=30)}), after {b''.join(lines)!r}")
             lines.append(proc.stdout.readline())
         rest, _ = proc.communicate(timeout=100)
     finally:
