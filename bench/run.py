@@ -285,11 +285,12 @@ def main(argv: list[str] | None = None) -> int:
                         failed = True      # a broken workload, not a slow one
                     ref = ref_out if cell["status"] == "ok" else None
                 failed |= cell["status"] == "mismatch"
-                if w.empty and cell["status"] == "ok":
-                    empty, empty_ref = measure(r.argv(w.empty, stats), args.repeat, args.timeout, env, cwd,
-                                               empty_ref if r.name != "native" else None, r.warmup, stats)
+                if w.empty and cell["status"] == "ok" and (r.name == "native" or empty_ref is not None):
+                    # Checked against native's own empty run, as the cell is against its full one.
+                    empty, out = measure(r.argv(w.empty, stats), args.repeat, args.timeout, env, cwd,
+                                         empty_ref, r.warmup, stats)
                     if r.name == "native":
-                        empty_ref = empty_ref if empty["status"] == "ok" else None
+                        empty_ref = out if empty["status"] == "ok" else None
                     failed |= empty["status"] == "mismatch"
                     cell["empty"] = {k: empty[k] for k in ("status", "reason", "times", "median")}
                 results["cells"][key] = {**base, **cell}

@@ -40,8 +40,9 @@ def program() -> list[Insn]:
     """
     emulate_ret, patch_ret = gadget.SYSCALL_RET, gadget.PATCH_RET
     assert emulate_ret >> 32 == patch_ret >> 32
-    # (code, jt label, jf label, k) with labels resolved at the end; None falls through.
-    code: list[tuple[int, str | None, str | None, int]] = [
+    # (code, jt label, jf label, k) with labels resolved at the end (a string in the
+    # code position marks a label); None falls through.
+    code: list[tuple[int | str, str | None, str | None, int]] = [
         (BPF_LD_W_ABS, None, None, 4),
         (BPF_JEQ_K, None, "trace", AUDIT_ARCH_X86_64),
         (BPF_LD_W_ABS, None, None, 8),
