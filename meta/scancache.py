@@ -34,7 +34,7 @@ from sbe.meta.record import Record
 
 log = logging.getLogger(__name__)
 
-VERSION = 11
+VERSION = 12
 LIMIT = 256 << 20          # bytes of entries kept; least recently used go first
 USERS = 16                 # programs a page remembers as having executed it
 # The format's version, and the Python whose marshal format the payload is in.

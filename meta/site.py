@@ -18,7 +18,7 @@ STRATEGIES = ("int3", "jmp5")
 
 
 class Patch(namedtuple("Patch", "window_start window_end window_bytes stub stub_size trap resume displaced guarded "
-                       "island island_bytes", defaults=(0, 0, (), False, 0, b""))):
+                       "island island_bytes table", defaults=(0, 0, (), False, 0, b"", ()))):
     """What a jmp5 site's patch is now: the window [window_start, window_end) its
     5-byte jump overwrites (or its `jmp rel8` to the `island`, whose 5 bytes of
     padding, `island_bytes` originally, hold the 5-byte jump), the original bytes
@@ -26,7 +26,9 @@ class Patch(namedtuple("Patch", "window_start window_end window_bytes stub stub_
     `trap`, the stub's int3 ("emulate the site here"), if it has one; `resume`,
     where the stub goes on after that trap (0: the handler decides); `displaced`,
     (stub address, original address) of each displaced instruction; `guarded`, the
-    site keeps its bytes and runs after the stub's check. A site's identity never
+    site keeps its bytes and runs after the stub's check; `table`, the [start, end)
+    of the jump table a proved table jump's stub trusts (scanner.jumptable), () for
+    none: a change to that memory demotes the site. A site's identity never
     changes; its patch is replaced whole (demotion to `int3` is `patch = None`), so
     no field of an old patch can survive into a new one. A tuple: a warm start
     makes thousands, and a frozen dataclass costs five times as much to make."""
@@ -76,6 +78,8 @@ class Site(Record):
         patch = self.patch
         if patch is None:
             return ""
+        if patch.table:
+            return "table"
         if patch.guarded:
             return "slot" if "[" in self.op_str else "guard"
         if patch.island:

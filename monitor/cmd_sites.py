@@ -99,7 +99,7 @@ def _table(rows: list[dict]) -> str:
             window = f"{r['window_start']:#x}-{r['window_end']:#x}" if jmp5 else ""
             if jmp5 and r["island"]:
                 window += f" via {r['island']:#x}"
-            elif r["tactic"] in ("guard", "slot"):
+            elif r["tactic"] in ("guard", "slot", "table"):
                 window += f" {r['tactic']}"
             cells += [window,
                       f"{r['stub']:#x}" if jmp5 else ""]

@@ -9,7 +9,7 @@ registers as the kernel would leave them).
 from __future__ import annotations
 
 from sbe.meta import syscalls
-from sbe.meta.pagemap import PAGE, PROT_EXEC
+from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE
 from sbe.monitor import ptrace_api as pt
 from sbe.monitor import codecache, sigframe
 from sbe.patcher import gadget
@@ -54,6 +54,8 @@ def mprotect(session, thread, regs):
     space = thread.space
     # The guest may be about to write: the original bytes go back first.
     session.patcher.invalidate(space, start, start + length, untrack=False, world=session.world(thread))
+    if prot & PROT_WRITE:
+        space.maps_changed()     # writable memory proves no jump table (patcher/jumptables.py)
     if not prot & PROT_EXEC and not space.pages.tracked_in(start, start + length):
         return None
     if prot & PROT_EXEC:

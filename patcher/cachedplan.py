@@ -6,7 +6,7 @@ capstone calls for a process's libc), yet a plan is a function of the page's byt
 and of what its scans knew, which is exactly what a cache entry is keyed by and
 holds. So each site's record keeps the plan it was planted from: its window (start,
 end, the displaced instructions before and after it, whether the site is guarded,
-its island) or the reason it stays a trap.
+its island, whether it is a proved table jump) or the reason it stays a trap.
 
 Only plans that are such a function are kept: a trap because of the mode, the
 policy, a thread standing nearby or a side cache that could not be had is not, and a
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from sbe.patcher.emit import Stub
 from sbe.scanner.decode import Insn
+from sbe.scanner.jumptable import table_jump
 from sbe.meta.pagemap import page_of
 from sbe.scanner.window import JMP2, JMP5, REASONS, SLOT_CALL, Fallback, Window, guardable, slot_call
 
@@ -45,7 +46,31 @@ def to_record(plan, base: int):
     def rel(insns):
         return tuple((i.address - base, i.size, i.mnemonic, i.op_str) for i in insns)
     return (plan.start - base, plan.end - base, rel(plan.before), rel(plan.after), plan.guard,
-            plan.island and plan.island - base)
+            plan.island and plan.island - base, bool(plan.table))
+
+
+def table_shape(kept, base: int, site: Insn):
+    """The proved shape (scanner.jumptable.TableJump) a kept table plan's site is,
+    or None for a plan of another tactic or instructions that are no proved shape.
+    The table's address is in the instructions' bytes, which the cache key covers,
+    so it is not kept; whether the table may be trusted is judged again by each run
+    that plants the plan (patcher.jumptables)."""
+    if not kept[6]:
+        return None
+    return table_jump([Insn(base + o, *rest) for o, *rest in kept[2]], site)
+
+
+def table_shapes(record, base: int) -> list:
+    """table_shape for each site of a cached page that keeps a table plan."""
+    return [table_shape(kept, base, Insn(base + offset, size, mnemonic, op_str))
+            for offset, (size, _, mnemonic, op_str, kept, _) in record.sites.items()
+            if isinstance(kept, tuple) and kept[6]]
+
+
+def table_span(kept, base: int, site: Insn) -> tuple:
+    """The [start, end) of the table a kept plan's site reads, () for none."""
+    shape = table_shape(kept, base, site)
+    return (shape.table, shape.end) if shape is not None else ()
 
 
 def checked(record) -> bool:
@@ -57,7 +82,9 @@ def checked(record) -> bool:
             continue
         if kept is None:
             return False
-        start, end, before, after, guard, island = kept
+        start, end, before, after, guard, island, table = kept
+        if table and (guard or after or island or not table_span(kept, 0, Insn(offset, size, mnemonic, op_str))):
+            return False
         # A guard's jump and padding must fit before the site, whose bytes it keeps;
         # a slot call's jump and `call [rsp - 8]` before the site's end.
         if guard:
@@ -99,11 +126,11 @@ def from_record(record, base: int) -> list | None:
         if isinstance(kept, str):
             plans.append(Fallback(site, kind, kept))
             continue
-        start, end, before, after, guard, island = kept
+        start, end, before, after, guard, island, _ = kept
         plans.append(Window(site, kind, base + start, base + end,
                             tuple(Insn(base + o, *rest) for o, *rest in before),
                             tuple(Insn(base + o, *rest) for o, *rest in after), guard,
-                            island and base + island))
+                            island and base + island, table_span(kept, base, site)))
     return plans
 
 
@@ -114,13 +141,18 @@ def template_to_record(template):
     return (template.code, template.trap, template.resume, template.displaced, template.fields)
 
 
+def template_key(offset: int, kept) -> tuple:
+    """What names a stub's template among a mapping's: the site, its window, and the
+    stub's shape (guarded, table); offsets relative to the mapping."""
+    return offset, kept[0], kept[1], kept[4], kept[6]
+
+
 def templates_of(record) -> list:
-    """((site offset, window start, window end, guarded), template) for each site of the
-    record that keeps a window and its stub's template."""
+    """(template_key, template) for each site of the record that keeps a window and
+    its stub's template."""
     found = []
     for offset, (_, _, _, _, kept, doc) in record.sites.items():
         if isinstance(kept, tuple) and doc is not None:
             code, trap, resume, displaced, fields = doc
-            found.append(((offset, kept[0], kept[1], kept[4]),
-                          Stub(code, trap, resume, displaced, fields)))
+            found.append((template_key(offset, kept), Stub(code, trap, resume, displaced, fields)))
     return found

@@ -99,6 +99,10 @@ def compose(kind: str, site_insn, window, window_bytes: bytes, at: int, cache) -
             trap, resume = here - at + body.trap, here - at + body.trap + 1
         elif kind in ("rdtsc", "rdtscp"):
             code += _aimed(relocate, site_raw, site_insn.address, here, fields, at)   # the host clock: native
+        elif kind == "branch" and window.table:
+            # A proved table jump (scanner.jumptable): its bound and load ran above,
+            # and the jump, which names no rip-relative address, runs as it is.
+            return Stub(code + site_raw, None, None, _offsets(placed, at), tuple(fields))
         elif kind == "branch":
             is_call = site_insn.mnemonic.split()[-1] == "call"
             slot = window.guard and slot_call(site_insn, kind)

@@ -33,11 +33,12 @@ from sbe.meta.record import Record
 from sbe.meta.scancache import Entry
 from sbe.meta.site import Patch, Site
 from sbe.meta.syscalls import SYS
-from sbe.patcher import cachedplan, copies, gadget, stubs
+from sbe.patcher import cachedplan, copies, gadget, jumptables, stubs
 from sbe.patcher.emit import EmitError, compose, detached, placed
 from sbe.patcher.sidecache import SideCache, find_gap
 from sbe.patcher.space import PATCH_REACH, AddressSpace
 from sbe.scanner.decode import Insn
+from sbe.scanner.jumptable import table_jump
 from sbe.scanner.window import JMP5, SLOT_CALL, Fallback, Window, plan_windows, slot_call
 from sbe.scanner.x86 import MAX_INSN
 
@@ -77,6 +78,11 @@ class PatchCosts(Record):
         self.copies_undone = 0      # anonymous pages found to be copies of patched ones (patcher.copies)
 
 
+# Rounds of scanning a page from the targets of its tables: code reached through a
+# table may end in another table jump (an interpreter's handlers each dispatch).
+_TABLE_ROUNDS = 8
+
+
 def shifted(plan, delta: int):
     """A plan moved by `delta` bytes (its page mapped elsewhere)."""
     def move(insn):
@@ -85,7 +91,7 @@ def shifted(plan, delta: int):
         return Fallback(move(plan.site), plan.kind, plan.reason)
     return Window(move(plan.site), plan.kind, plan.start + delta, plan.end + delta,
                   tuple(map(move, plan.before)), tuple(map(move, plan.after)), plan.guard,
-                  plan.island and plan.island + delta)
+                  plan.island and plan.island + delta, plan.table)
 
 
 def _slot(target: int) -> int:
@@ -106,15 +112,15 @@ def _window_bytes(start: int, end: int, site: int, guard: bool, stub: int, islan
 
 
 def _patch_of(plan, code: bytes, base: int, stub_at: int, stub) -> Patch:
-    """The Patch of a window planted from `plan` (start, end, guard, island) over
-    `code` (the original bytes from `base` on), with `stub` placed at `stub_at`."""
-    start, end, guard, island = plan
+    """The Patch of a window planted from `plan` (start, end, guard, island, table)
+    over `code` (the original bytes from `base` on), with `stub` placed at `stub_at`."""
+    start, end, guard, island, table = plan
     return Patch(start, end, code[start - base:end - base], stub_at, len(stub.code),
                  trap=stub_at + stub.trap if stub.trap is not None else 0,
                  resume=stub_at + stub.resume if stub.resume is not None else 0,
                  displaced=tuple((stub_at + o, original) for o, original in stub.displaced),
                  guarded=guard, island=island,
-                 island_bytes=code[island - base:island - base + JMP5] if island else b"")
+                 island_bytes=code[island - base:island - base + JMP5] if island else b"", table=table)
 
 
 def _near(avoid: frozenset, page: int, state) -> frozenset:
@@ -158,7 +164,7 @@ def _record_image(record):
         if isinstance(kept, str):
             entries.append((common, kept, None, 0))
             continue
-        template = templates.get((rel, kept[0], kept[1], kept[4]))
+        template = templates.get(cachedplan.template_key(rel, kept))
         if template is None:
             return None
         entries.append((common, None, template, size))
@@ -266,6 +272,19 @@ class Patcher:
         # may scan nothing.
         from sbe.scanner.scan import scan_page
         result = scan_page(code, page, entries, known=state.known_array(), sweep=fresh)
+        # The tables of the jumps the scan can prove name more code: this page's
+        # part is scanned from there too (its targets become roots, as a direct
+        # branch's do); the rest is other pages' entries.
+        elsewhere: set[int] = set()
+        for _ in range(_TABLE_ROUNDS):
+            named = self._table_targets(space, code, page, state, result)
+            here = {t for t in named if page_of(t) == page}
+            elsewhere |= named - here
+            if here <= entries:
+                break
+            entries = entries | here
+            if not here <= result.starts:
+                result = scan_page(code, page, entries, known=state.known_array(), sweep=fresh)
         self.costs.scan_seconds += time.perf_counter() - t0
         if fresh:
             self.costs.pages_scanned += 1
@@ -274,12 +293,31 @@ class Patcher:
         state.learn(entries, result.starts, result.targets, result.outside)
         self.costs.swept += result.swept
         space.learned(page)
+        # Targets in pages that already run are scanned now, so that this page's
+        # tables can be proved when it is planned.
+        extended = [s for x in self._outside(space, elsewhere) for s in self.scan(space, x, remote, avoid, world)]
         found = [(i, k) for i, k in result.sites if i.address not in space.sites]
         if found and not fresh and space.mode == "patch" and world is not None:
             avoid = avoid | world()       # the page runs: every thread stopped first
         plans = self._plans(space, code, page, state, found, avoid, fresh or world is not None)
         near, binding = _near(avoid, page, state), space.binding_of(page)
-        return [self.plant(space, plan, code, page, remote, near, binding) for plan in plans], result.outside
+        return extended + [self.plant(space, plan, code, page, remote, near, binding) for plan in plans], \
+            result.outside
+
+    @staticmethod
+    def _table_targets(space, code: bytes, page: int, state, result) -> set[int]:
+        """Every target of the tables that the jumps among `result`'s sites read,
+        where the table is one the guest cannot change (jumptables.targets)."""
+        def known(address: int) -> bool:
+            return address in result.starts or state.has_start(address)
+        named: set[int] = set()
+        for insn, kind in result.sites:
+            if kind == "branch" and insn.mnemonic == "jmp":
+                shape = jumptables.shape_in(code, page, known, insn)
+                found = shape and jumptables.targets(space, shape)
+                if found:
+                    named |= found
+        return named
 
     @staticmethod
     def _plans(space, code, page, state, found, avoid, may_write_windows: bool):
@@ -287,8 +325,16 @@ class Patcher:
         where the mode asks for them and they may be written, traps otherwise."""
         if space.mode == "patch" and may_write_windows:
             arrivals = state.roots | avoid
-            return plan_windows(code, page, page + PAGE, state.starts, found, state.targets | arrivals,
-                                arrivals=arrivals)
+            tables, named = {}, set()
+            for insn, kind in found:
+                if kind == "branch" and insn.mnemonic == "jmp":
+                    shape = jumptables.shape_in(code, page, state.has_start, insn)
+                    targets = shape and jumptables.prove(space, page, state.has_start, shape)
+                    if targets:
+                        tables[insn.address] = shape
+                        named |= targets
+            return plan_windows(code, page, page + PAGE, state.starts, found, state.targets | arrivals | named,
+                                arrivals=arrivals, tables=tables)
         reason = "emulate mode" if space.mode == "emulate" else "found after its page ran"
         return [Fallback(i, k, reason) for i, k in found]
 
@@ -404,6 +450,9 @@ class Patcher:
         planted already."""
         key = (binding.key, offset)
         fits = space.mode == "patch" and not near and not space.sites.in_range(page, page + PAGE)
+        if fits and not all(self._holds(space, page, state, shape)
+                            for shape in cachedplan.table_shapes(record, binding.start)):
+            fits = False     # a table this run cannot trust: the image is no use
         if fits:
             image = self._images.get(key)
             if image is None or image[0] is not record:    # records are never changed
@@ -412,11 +461,19 @@ class Patcher:
                 sites = self._place_image(space, binding, page, code, image[1], remote)
                 if sites is not None:
                     return sites
-        sites = [self.plant(space, plan, code, page, remote, near, binding)
-                 for plan in self._cached_page_plans(space, binding, offset, record, code, page, state, near)]
+        plans = self._cached_page_plans(space, binding, offset, record, code, page, state, near)
+        if any(isinstance(plan, Window) and plan.table
+               and not self._holds(space, page, state, table_jump(list(plan.before), plan.site)) for plan in plans):
+            plans = self._plans(space, code, page, state, [(plan.site, plan.kind) for plan in plans], near, True)
+        sites = [self.plant(space, plan, code, page, remote, near, binding) for plan in plans]
         if fits:
             self._images[key] = (record, _image_of(binding, sites))
         return sites
+
+    @staticmethod
+    def _holds(space, page: int, state, shape) -> bool:
+        """Whether a kept table plan of `page` may be planted in this run."""
+        return shape is not None and jumptables.prove(space, page, state.has_start, shape) is not None
 
     def _place_image(self, space, binding, page: int, code: bytes, image, remote) -> list[Site] | None:
         """The page's image planted: its stubs in one write, its windows and traps in
@@ -456,7 +513,10 @@ class Patcher:
                 patched[start - page:start - page + len(written)] = written
                 if island:
                     patched[island - page:island - page + JMP5] = stubs.jmp5(island, stub_at)
-                site.patch = _patch_of((start, end, plan[4], island), code, page, stub_at, stub)
+                table = cachedplan.table_span(plan, base, Insn(address, length, mnemonic, op_str))
+                site.patch = _patch_of((start, end, plan[4], island, table), code, page, stub_at, stub)
+                if table:
+                    jumptables.register(space, site)
             sites.append(site)
         if size:
             space.mem.write(cache.take(size), b"".join(blob))
@@ -534,7 +594,10 @@ class Patcher:
         site.template = template
         at = cache.take(len(stub.code))
         space.mem.write(at, stub.code)
-        site.patch = _patch_of((window.start, window.end, window.guard, window.island), code, base, at, stub)
+        site.patch = _patch_of((window.start, window.end, window.guard, window.island, window.table),
+                               code, base, at, stub)
+        if window.table:
+            jumptables.register(space, site)
         if window.island:
             # The island first: until the site's jump is written, nothing goes there.
             space.mem.write(window.island, stubs.jmp5(window.island, at))
@@ -559,7 +622,8 @@ class Patcher:
             return compose(site.kind, Insn(site.address, site.size, site.mnemonic, site.op_str),
                            window, window_bytes, cache.next, cache), None
         base = binding.start
-        key = (binding.key, site.address - base, window.start - base, window.end - base, window.guard)
+        key = (binding.key, site.address - base, window.start - base, window.end - base, window.guard,
+               bool(window.table))
         template = self._templates.get(key)
         if template is not None:
             stub = placed(template, cache.next, base, cache.start)
@@ -572,9 +636,10 @@ class Patcher:
 
     def known_templates(self, binding, templates) -> None:
         """Templates a scan cache entry kept for `binding`'s windows: (site offset,
-        window start, window end, guarded) -> template, offsets relative to the mapping."""
-        for (site, start, end, guard), template in templates:
-            self._templates.setdefault((binding.key, site, start, end, guard), template)
+        window start, window end, guarded, table) -> template, offsets relative to the
+        mapping (cachedplan.template_key)."""
+        for key, template in templates:
+            self._templates.setdefault((binding.key, *key), template)
 
     def unplant(self, space: AddressSpace, site: Site) -> None:
         """Put the original bytes back under the site's patch (the site stays in the
@@ -701,6 +766,8 @@ class Patcher:
             space.unbind(start, end)
         pages = space.pages.tracked_in(page_of(start), end)
         if not pages:
+            if space.tables:
+                jumptables.invalidated(self, space, start, end, pages, untrack, bytes_change, world)
             return 0
         lo, hi = pages[0], pages[-1] + PAGE
         dropped = False
@@ -720,6 +787,8 @@ class Patcher:
                 space.pages.untrack(p, p + PAGE)
             else:
                 space.pages.get(p).reset()
+        if space.tables:
+            jumptables.invalidated(self, space, start, end, pages, untrack, bytes_change, world)
         if dropped and space.branch_table:
             # Validated targets in these pages are no longer known starts.
             space.mem.write(space.branch_table, bytes(BRANCH_TABLE_SIZE))

@@ -55,6 +55,9 @@ class AddressSpace:
         self.deferred: dict[int, tuple] = {}   # page -> (binding, record): cached, planted at its fetch
         self.executed: set[int] = set()  # pages that faulted at a fetch: this program runs them
         self.patched_pages = None        # sbe.patcher.copies.PatchedPages, made at first use
+        # Table jumps planted to run unchecked: site address -> the targets they trust
+        # (patcher.jumptables).
+        self.tables: dict[int, frozenset] = {}
 
     def fork(self, mem, pid: int) -> "AddressSpace":
         """The state of a child whose memory is a copy of this one's (side caches and
@@ -68,6 +71,7 @@ class AddressSpace:
         twin.program = self.program
         twin.deferred = {page: (twin.binding_of(page), record) for page, (_, record) in self.deferred.items()}
         twin.executed = set(self.executed)
+        twin.tables = dict(self.tables)
         return twin
 
     def close(self) -> None:

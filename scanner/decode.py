@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from .x86 import MAX_INSN
 
 
 class Insn(namedtuple("Insn", "address size mnemonic op_str")):
@@ -35,6 +37,19 @@ def decode_from(code: bytes, base: int, start: int) -> Iterator[Insn]:
     if not 0 <= offset < len(code):
         return
     yield from map(Insn._make, _disassembler().disasm_lite(code[offset:], start))
+
+
+def ending_at(address: int, is_start: Callable[[int], bool], decode_at: Callable[[int], "Insn | None"],
+              floor: int) -> Insn | None:
+    """The decoded instruction that ends at `address` (the nearest if several do),
+    among those starting at or after `floor`: how a walk backwards from a site finds
+    the instructions that run before it, decoding only at known starts."""
+    for start in range(address - 1, max(floor, address - MAX_INSN) - 1, -1):
+        if is_start(start):
+            insn = decode_at(start)
+            if insn is not None and insn.end == address:
+                return insn
+    return None
 
 
 @functools.cache

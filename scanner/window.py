@@ -32,11 +32,12 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections import Counter, namedtuple
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from itertools import accumulate
 
-from .decode import Insn, decode_from
+from .decode import Insn, decode_from, ending_at
+from .jumptable import TableJump
 from .sensitive import classify, direct_target, is_terminator
 from .x86 import MAX_INSN, conditional_jump
 
@@ -82,7 +83,8 @@ _RIP_RELATIVE = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
 _PADDING = frozenset({"nop", "int3"})
 
 
-class Window(namedtuple("Window", "site kind start end before after guard island", defaults=(False, 0))):
+class Window(namedtuple("Window", "site kind start end before after guard island table",
+                        defaults=(False, 0, ()))):
     """The bytes [start, end) a site's `jmp rel32` and int3 padding overwrite;
     `before` and `after`, the instructions displaced before and after the site, in
     order. `guard`: the site keeps its own bytes and runs natively once its stub has
@@ -93,7 +95,9 @@ class Window(namedtuple("Window", "site kind start end before after guard island
     in `call [rsp - 8]`, where its stub left the target it checked. `island`: where the window (the site
     alone) holds `jmp rel8` to, 5 bytes of alignment padding that hold the `jmp rel32`
     to the stub (VirtualBox's patch manager and E9Patch jump through such
-    trampolines when a site is too short for the long jump); 0 for none."""
+    trampolines when a site is too short for the long jump); 0 for none. `table`: the
+    [start, end) of the jump table a proved table jump reads (scanner.jumptable): its
+    stub runs the window's instructions, the jump included, unchecked; () for none."""
     __slots__ = ()
 
     @property
@@ -107,6 +111,8 @@ class Window(namedtuple("Window", "site kind start end before after guard island
     @property
     def tactic(self) -> str:
         """Which tactic gave the window, as the statistics count it."""
+        if self.table:
+            return "table"
         if self.guard:
             return "slot" if slot_call(self.site, self.kind) else "guard"
         if self.island:
@@ -186,8 +192,10 @@ class _Planner:
 
     def __init__(self, code: bytes, base: int, end: int, starts: AbstractSet[int],
                  sites: list[tuple[Insn, str]], targets: AbstractSet[int], arrivals: AbstractSet[int],
-                 patchable_kinds: AbstractSet[str], rejections: Counter | None) -> None:
+                 patchable_kinds: AbstractSet[str], rejections: Counter | None,
+                 tables: Mapping[int, TableJump]) -> None:
         self.code, self.base, self.end = code, base, end
+        self.tables = tables
         self.starts, self.targets, self.arrivals = starts, targets, arrivals
         self.site_addresses = {insn.address for insn, _ in sites}
         self.patchable_kinds = patchable_kinds
@@ -221,6 +229,16 @@ class _Planner:
             return self._reject(site, kind, "site", [PAGE_END])
         if site.address < self.floor:
             return self._reject(site, kind, "site", [EARLIER_WINDOW])
+        shape = self.tables.get(site.address)
+        if shape is not None:
+            # A proved table jump: the bound, the load and the jump move together.
+            before, stop = self._backward(site, site.address - shape.bound.address)
+            if stop is None and tuple(before) != shape.insns[:-1]:
+                stop = UNDECODED
+            stop = stop or self._flaw([*before, site])
+            if stop is None:
+                return self._accept(site, kind, tuple(before), (), table=(shape.table, shape.end))
+            self._count("table", stop)
         if guardable(site, kind) or slot_call(site, kind):
             # A guard's jump fits before the site; a slot call's jump and its
             # `call [rsp - 8]` fit before the site's end.
@@ -265,14 +283,14 @@ class _Planner:
         return Fallback(site, kind, min(reasons, key=_RANK.__getitem__))
 
     def _accept(self, site: Insn, kind: str, before: tuple[Insn, ...], after: tuple[Insn, ...],
-                guard: bool = False, island: int = 0) -> Window:
+                guard: bool = False, island: int = 0, table: tuple = ()) -> Window:
         start = before[0].address if before else site.address
         end = after[-1].end if after else site.end
         self.floor = end
         self.windows.append((start, end))
         if island:
             self.islands.append(island)
-        return Window(site, kind, start, end, before, after, guard, island)
+        return Window(site, kind, start, end, before, after, guard, island, table)
 
     def _reject(self, site: Insn, kind: str, tactic: str, reasons: list[str]) -> Fallback:
         for reason in reasons:
@@ -381,12 +399,7 @@ class _Planner:
 
     def _previous(self, address: int) -> Insn | None:
         """The decoded instruction that ends at `address`, the nearest if several do."""
-        for start in range(address - 1, max(self.base, address - MAX_INSN) - 1, -1):
-            if start in self.starts:
-                insn = self.at(start)
-                if insn is not None and insn.end == address:
-                    return insn
-        return None
+        return ending_at(address, self.starts.__contains__, self.at, self.base)
 
     def _obstacle(self, insn: Insn, forward: bool) -> str | None:
         """Why `insn` cannot be displaced, or None.
@@ -526,7 +539,8 @@ def plan_windows(code: bytes, base: int, end: int, starts: AbstractSet[int],
                  sites: list[tuple[Insn, str]], targets: AbstractSet[int],
                  patchable_kinds: AbstractSet[str] = PATCHABLE_KINDS, *,
                  arrivals: AbstractSet[int] = frozenset(),
-                 rejections: Counter | None = None) -> list[Window | Fallback]:
+                 rejections: Counter | None = None,
+                 tables: Mapping[int, TableJump] | None = None) -> list[Window | Fallback]:
     """A window or a fallback for each site of [base, end), in address order.
 
     `code` holds the original bytes of [base, end) and up to 15 more; `starts` and
@@ -539,8 +553,12 @@ def plan_windows(code: bytes, base: int, end: int, starts: AbstractSet[int],
     Sites are planned greedily in address order, each window starting at or after
     the end of the one before: the windows never overlap, and no window covers a
     fallback's trap (a window holds exactly one site). `rejections`, if given,
-    counts every tactic that failed, by (tactic, reason).
+    counts every tactic that failed, by (tactic, reason). `tables`: the table jumps
+    among the sites that the caller proved (scanner.jumptable: every entry known
+    code, the table unwritable), by site address; each gets the table tactic when
+    its window is safe, and their entries must be among `targets`.
     """
-    planner = _Planner(code, base, end, starts, sites, targets, arrivals, patchable_kinds, rejections)
+    planner = _Planner(code, base, end, starts, sites, targets, arrivals, patchable_kinds, rejections,
+                       tables or {})
     unique = {insn.address: (insn, kind) for insn, kind in sites}
     return [planner.plan(insn, kind) for insn, kind in (unique[a] for a in sorted(unique))]

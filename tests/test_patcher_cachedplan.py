@@ -47,7 +47,7 @@ def test_a_kept_plan_the_record_does_not_bear_out_is_refused():
     plans, record = planned(PAGE)
     window = next(p for p in plans if isinstance(p, Window) and len(p.insns) > 1)
     offset = window.site.address - PAGE
-    start, end, before, after, guard, island = cachedplan.to_record(window, PAGE)
+    start, end, before, after, guard, island, table = cachedplan.to_record(window, PAGE)
     inside = window.insns[1].address - PAGE
     assert cachedplan.from_record(record, PAGE) is not None
     # a root inside the window (control arrives there)
@@ -57,7 +57,7 @@ def test_a_kept_plan_the_record_does_not_bear_out_is_refused():
     assert cachedplan.from_record(PageRecord(set(record.starts) - {inside}, record.roots, record.targets,
                                              record.sites, record.exits), PAGE) is None
     # a window that is not its instructions end to end
-    assert cachedplan.from_record(_with(record, offset, (start, end + 1, before, after, guard, island)), PAGE) is None
+    assert cachedplan.from_record(_with(record, offset, (start, end + 1, before, after, guard, island, table)), PAGE) is None
     # a site with no plan: the page is planned afresh
     assert cachedplan.from_record(_with(record, offset, None), PAGE) is None
 
@@ -73,7 +73,7 @@ def test_windows_that_overlap_another_site_are_refused():
     between = (*first.after, second.site)        # mov rdi, rax; cpuid: end to end
     assert between[0].address == first.site.end and between[-1].end == PAGE + end
     kept = (start, end, before, tuple((i.address - PAGE, i.size, i.mnemonic, i.op_str) for i in between),
-            False, 0)
+            False, 0, False)
     assert cachedplan.from_record(_with(record, first.site.address - PAGE, kept), PAGE) is None
 
 
@@ -102,8 +102,8 @@ def test_a_kept_guard_must_leave_the_site_its_bytes():
                                      cachedplan.to_record(p, PAGE), None) for p in plans}
     record = PageRecord({s - PAGE for s in scan.starts}, {0}, {t - PAGE for t in targets}, sites, {})
     assert cachedplan.from_record(record, PAGE) is not None
-    start, end, before, after, _, _ = sites[offset][4]
-    short = (start + 3, end, before[1:], after, True, 0)     # only `mov rax, [rdi + 8]` before
+    start, end, before, after, _, _, _ = sites[offset][4]
+    short = (start + 3, end, before[1:], after, True, 0, False)     # only `mov rax, [rdi + 8]` before
     assert cachedplan.from_record(_with(record, offset, short), PAGE) is None
     def with_site(mnemonic, op_str, plan):
         changed = dict(sites)
@@ -126,16 +126,16 @@ def test_a_kept_island_comes_back_and_is_checked():
     (back,) = cachedplan.from_record(record, 0x5550000000)
     assert back.island == 0x5550000000 + 0x3000 + 1
     offset = window.site.address - (PAGE - 0x3000)
-    start, end, before, after, guard, island = record.sites[offset][4]
+    start, end, before, after, guard, island, table = record.sites[offset][4]
     def refused(**change):
         roots = record.roots | change.get("roots", set())
         targets = record.targets | change.get("targets", set())
-        sites = _with(record, offset, change.get("plan", (start, end, before, after, guard, island))).sites
+        sites = _with(record, offset, change.get("plan", (start, end, before, after, guard, island, table))).sites
         return cachedplan.from_record(PageRecord(record.starts, roots, targets, sites, record.exits),
                                       0x5550000000) is None
     assert not refused()
     assert refused(roots={island})                       # control arrived at the island
     assert refused(targets={island + 2})                 # a landing point inside it
-    assert refused(plan=(start, end, before, after, guard, island + 4096))   # another page
-    assert refused(plan=(start, end, before, after, guard, start + 200))     # out of rel8 reach
-    assert refused(plan=(start, end, before, after, True, island))           # a guard has no island
+    assert refused(plan=(start, end, before, after, guard, island + 4096, table))   # another page
+    assert refused(plan=(start, end, before, after, guard, start + 200, table))     # out of rel8 reach
+    assert refused(plan=(start, end, before, after, True, island, table))           # a guard has no island

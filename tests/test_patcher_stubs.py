@@ -56,6 +56,19 @@ def test_a_slot_call_window_ends_in_the_call_it_is_named_for():
     assert stub.displaced == ((0, 0x401000), (3, 0x401003), (7, site.address))
 
 
+def test_a_table_stub_runs_bound_load_and_jump_unchecked():
+    """A proved table jump's stub is its window's instructions, the jump included,
+    and nothing else: no check, no trap, no way back to the window."""
+    before = (Insn(0x401000, 4, "movzx", "eax, sil"), Insn(0x401004, 8, "mov", "rax, qword ptr [rax*8 + 0x73af00]"))
+    site = Insn(0x40100c, 2, "jmp", "rax")
+    raw = bytes.fromhex("400fb6c6" "488b04c500af7300" "ffe0")
+    window = Window(site, "branch", 0x401000, 0x40100e, before, (), table=(0x73AF00, 0x73B700))
+    cache = type("Cache", (), {"gadget_slot": 0x500000, "cpuid_table": 0x500040, "branch_slot": 0x500008})()
+    stub = compose("branch", site, window, raw, 0x500400, cache)
+    assert stub.code == raw and stub.trap is None
+    assert stub.displaced == ((0, 0x401000), (4, 0x401004))
+
+
 def test_a_restarted_syscall_traps_again():
     """A signal may interrupt the syscall the monitor runs for a stub's trap; the
     kernel restarts it by rewinding rip by 2 from where the thread goes on. That

@@ -191,3 +191,38 @@ def test_many_short_processes_with_few_open_files():
     virt = run_cmd([*limited, *sbe_argv("run", "--", "/bin/sh", "-c", script)], timeout=850)
     assert native.stdout == b"1500 children\n"
     assert (virt.stdout, virt.status) == (native.stdout, native.status), virt.stderr[-2000:]
+
+
+def _dispatch_sites(sites, prog):
+    """The jumptable guest's table jumps (the branch sites of its interpreter, which
+    is not position-independent: symbols are addresses), from a sites file."""
+    symbols = symbol_offsets(prog)
+    return [r for r in json.loads(sites.read_text())["sites"]
+            if r["module"] == os.path.realpath(prog) and symbols["interp"] <= r["address"] < symbols["op_bad"]]
+
+
+@pytest.mark.timeout(120)
+def test_proved_jump_tables_run_unchecked_until_the_table_changes(guests, tmp_path):
+    """jumptable's dispatches (a byte index into a 256-entry table in .rodata, both
+    shapes) are proved: each runs unchecked from a stub (tactic "table"), cold and from
+    a warm cache, which proves them again. When the guest makes the table writable and
+    rewrites an entry, each dispatch is demoted to a trap and the program computes what
+    the new table says, as natively. Emulate mode agrees."""
+    prog = guests / "jumptable"
+    sites = tmp_path / "sites.json"
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--sites-out", str(sites)]
+    native = run_cmd([str(prog), "200", "keep"])
+    for run in ("cold", "warm"):
+        virt = run_sbe([str(prog), "200", "keep"], mode="patch", timeout=60, extra=cache)
+        assert (virt.stdout, virt.status) == (native.stdout, native.status), run
+        dispatch = _dispatch_sites(sites, prog)
+        assert len(dispatch) == 5, dispatch
+        assert all((r["strategy"], r["tactic"]) == ("jmp5", "table") for r in dispatch), (run, dispatch)
+    native = run_cmd([str(prog), "200"])
+    virt = run_sbe([str(prog), "200"], mode="patch", timeout=60, extra=cache)
+    assert (virt.stdout, virt.status) == (native.stdout, native.status)
+    assert all((r["strategy"], r["reason"]) == ("int3", "jump table may change")
+               for r in _dispatch_sites(sites, prog))
+    native = run_cmd([str(prog), "2"])
+    emulated = run_sbe([str(prog), "2"], mode="emulate", timeout=60)
+    assert (emulated.stdout, emulated.status) == (native.stdout, native.status)
