@@ -151,6 +151,9 @@ POLICY = (
     Policy("seccomp", "the filter is the monitor's"),
     Policy("pkey_alloc", "protection keys hide patches"),
     Policy("pkey_free", "protection keys hide patches"),
+    Policy("sched_getaffinity", "a guest of one task runs pinned, and sees its own mask",
+           hook="sched_getaffinity"),
+    Policy("sched_setaffinity", "a guest that places itself ends the pin", hook="sched_setaffinity"),
 )
 
 MUST_SEE = frozenset(p.nr for p in POLICY if p.must_see)

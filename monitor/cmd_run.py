@@ -36,6 +36,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "(default $SBE_CACHE_DIR, else $XDG_CACHE_HOME/sbe, else ~/.cache/sbe)")
     p.add_argument("--no-cache", action="store_true",
                    help="scan everything, and save nothing for later runs")
+    p.add_argument("--no-pin", action="store_true",
+                   help="leave the CPUs alone: by default a guest of one task shares sbe's CPU "
+                        "(every stop is then cheaper) until it starts a second task")
     p.add_argument("--sites-out", metavar="FILE",
                    help="save the site table (every process's sites, with hits) as JSON, for `sbe sites`")
     p.add_argument("--stats", action="store_true",
@@ -132,7 +135,7 @@ def run(args) -> int:
         return 2
     cache = None if args.no_cache else ScanCache(args.cache_dir or default_directory())
     session = Session(argv, path, mode=args.mode, policy=policy, record_sites=bool(args.sites_out),
-                      cache=cache)
+                      cache=cache, pin=not args.no_pin)
     try:
         session.start()
     except LaunchError as e:

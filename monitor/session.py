@@ -37,6 +37,7 @@ from sbe.monitor import codecache, remote, sigframe
 from sbe.monitor.image import setup_image
 from sbe.monitor.memory import GuestMemory
 from sbe.monitor.stats import Stats
+from sbe.monitor.pinning import Pinning
 from sbe.monitor.syscall_hooks import HOOKS
 from sbe.monitor.waiting import GuestGone, reap_killed, run_until, signal_pending
 from sbe.patcher import gadget
@@ -99,7 +100,7 @@ class Session:
 
     def __init__(self, argv: list[str], path: str, *, mode: str = "patch",
                  policy: PatchPolicy | None = None, record_sites: bool = False,
-                 cache: ScanCache | None = None) -> None:
+                 cache: ScanCache | None = None, pin: bool = False) -> None:
         self.argv = argv
         self.path = path
         self.mode = mode
@@ -122,11 +123,17 @@ class Session:
         self.record_sites = record_sites
         self.cache = cache                        # the persistent scan cache, if used
         self.site_records: list[tuple[int, list[dict]]] = []   # of spaces gone, if recorded
+        self.pinning = Pinning(pin)
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> int:
         from sbe.monitor.launch import spawn
-        pid = spawn(self.path, self.argv)
+        self.pinning.pin()
+        try:
+            pid = spawn(self.path, self.argv)
+        except BaseException:
+            self.pinning.release(())
+            raise
         self.first_pid = pid
         thread = Thread(pid, None)
         thread.fresh = False
@@ -146,6 +153,7 @@ class Session:
             if self.threads:
                 reap_killed(list(self.threads))
                 self.threads.clear()
+            self.pinning.release(())
             for space in self.spaces:
                 codecache.save(self, space)
             if self.cache is not None:
@@ -330,6 +338,7 @@ class Session:
             self.stats.processes += 1
         child.gadget = parent.gadget
         self.threads[child_tid] = child
+        self.pinning.release(self.threads)
         early = self.early.pop(child_tid, None)
         if early is not None:
             self.apply(child, self.on_stop(child, early))

@@ -139,4 +139,23 @@ def rt_sigreturn(session, thread, regs):
 
 
 # Which hook runs for which syscall is the syscall table's to say.
+def sched_getaffinity(session, thread, regs):
+    """While sbe keeps the guest on its CPU (monitor/pinning.py), the guest reads
+    the affinity it would have natively."""
+    if not session.pinning.pinned or (regs.rdi and regs.rdi not in session.threads):
+        return None      # another process's mask is its own
+    buffer = regs.rdx
+
+    def post(out):
+        if session.pinning.pinned and not _failed(out.rax) and out.rax > 0:
+            thread.space.mem.write(buffer, session.pinning.mask_bytes(out.rax))
+    return post
+
+
+def sched_setaffinity(session, thread, regs):
+    """The guest places its tasks itself: sbe's pin ends first, so the guest's
+    choice is what the kernel keeps."""
+    session.pinning.release(session.threads)
+
+
 HOOKS = {nr: globals()[hook] for nr, hook in syscalls.HOOKS.items()}
