@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The C scanner (scanner/region.c, built with cffi against the capstone wheel's own
 # libcapstone.so and headers); without it sbe scans with scanner/region.py.
-build/.native: $(VENV)/.installed scanner/region.c tools/build_native.py
+build/.native: $(VENV)/.installed scanner/region.c monitor/owncpuid.c tools/build_native.py
 	$(PY) tools/build_native.py
 	@mkdir -p build && touch $@
 

@@ -1,10 +1,14 @@
-"""Builds scanner/_region_native: scanner/region.c as a cffi extension module, linked
-against the libcapstone.so the capstone wheel ships (with its headers), found
-through the installed capstone package. `make setup` runs it.
+"""Builds sbe's two cffi extension modules. `make setup` runs it.
 
     .venv/bin/python tools/build_native.py      # writes scanner/_region_native*.so
+                                                # and monitor/_owncpuid_native*.so
 
-Without it sbe scans with scanner/region.py, the reference, at a few times the cost.
+scanner/_region_native is scanner/region.c, linked against the libcapstone.so the
+capstone wheel ships (with its headers), found through the installed capstone
+package; without it sbe scans with scanner/region.py, the reference, at a few times
+the cost. monitor/_owncpuid_native is monitor/owncpuid.c; without it sbe's own
+thread runs without CPUID faulting, and each ptrace stop costs more where the guest
+has it (see that file).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "_region_native"
+OWN_CPUID = "_owncpuid_native"
 
 CDEF = """
     struct sbe_site { uint32_t offset; uint8_t size; char mnemonic[32]; char op_str[160]; };
@@ -36,6 +41,7 @@ CDEF = """
     int sbe_scan_init(void);
     size_t sbe_insn_names(char *buf, size_t cap);
 """
+OWN_CPUID_CDEF = "int sbe_own_cpuid_faulting(void);"
 
 
 def capstone_dir() -> Path:
@@ -75,13 +81,22 @@ def main() -> int:
                    include_dirs=[str(include)], library_dirs=[str(lib)], libraries=["capstone"],
                    extra_compile_args=["-O2", "-Wall", "-Werror"],
                    extra_link_args=[f"-Wl,-rpath,{linkdir}"])
+    _compile(ffi, ROOT / "scanner")
+    own = FFI()
+    own.cdef(OWN_CPUID_CDEF)
+    own.set_source(OWN_CPUID, (ROOT / "monitor" / "owncpuid.c").read_text(),
+                   extra_compile_args=["-O2", "-Wall", "-Werror"])
+    _compile(own, ROOT / "monitor")
+    return 0
+
+
+def _compile(ffi: FFI, where: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         built = Path(ffi.compile(tmpdir=tmp, verbose=False))
-        target = ROOT / "scanner" / built.name
+        target = where / built.name
         shutil.copyfile(built, target.with_suffix(".tmp"))
         os.replace(target.with_suffix(".tmp"), target)
     print(f"built {target.relative_to(ROOT)}")
-    return 0
 
 
 if __name__ == "__main__":
