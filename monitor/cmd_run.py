@@ -135,7 +135,7 @@ def run(args) -> int:
         return 2
     cache = None if args.no_cache else ScanCache(args.cache_dir or default_directory())
     session = Session(argv, path, mode=args.mode, policy=policy, record_sites=bool(args.sites_out),
-                      cache=cache, pin=not args.no_pin)
+                      cache=cache, pin=not args.no_pin, own_process=True)
     try:
         session.start()
     except LaunchError as e:

@@ -33,7 +33,7 @@ from sbe.meta.pagemap import PAGE, PROT_EXEC, PROT_WRITE, page_of
 from sbe.meta.scancache import ScanCache
 from sbe.meta.syscalls import SYS
 from sbe.monitor import ptrace_api as pt
-from sbe.monitor import codecache, remote, sigframe
+from sbe.monitor import codecache, owncpuid, remote, sigframe
 from sbe.monitor.image import setup_image
 from sbe.monitor.memory import GuestMemory
 from sbe.monitor.stats import Stats
@@ -100,7 +100,7 @@ class Session:
 
     def __init__(self, argv: list[str], path: str, *, mode: str = "patch",
                  policy: PatchPolicy | None = None, record_sites: bool = False,
-                 cache: ScanCache | None = None, pin: bool = False) -> None:
+                 cache: ScanCache | None = None, pin: bool = False, own_process: bool = False) -> None:
         self.argv = argv
         self.path = path
         self.mode = mode
@@ -124,11 +124,16 @@ class Session:
         self.cache = cache                        # the persistent scan cache, if used
         self.site_records: list[tuple[int, list[dict]]] = []   # of spaces gone, if recorded
         self.pinning = Pinning(pin)
+        # The process is sbe's alone (the command line's, not a caller's): its own
+        # thread may take CPUID faulting (monitor/owncpuid.py).
+        self.own_process = own_process
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> int:
         from sbe.monitor.launch import spawn
         self.pinning.pin()
+        if self.own_process:
+            owncpuid.arm()
         try:
             pid = spawn(self.path, self.argv)
         except BaseException:
@@ -363,6 +368,8 @@ class Session:
             regs.eflags &= ~TRAP_FLAG
             pt.setregs(thread.tid, regs)
             return Resume()
+        log.info("task %d: a SIGTRAP at %#x that is none of sbe's traps goes to the guest (%s)",
+                 thread.tid, rip, space.modules.locate(rip) if space is not None else "no space")
         return self.deliver(thread, signal.SIGTRAP)
 
     @staticmethod
@@ -577,8 +584,13 @@ class Session:
         space = thread.space
         self.patcher.unplant(space, site)
         try:
+            # Not an interrupt (a switch asked for one): the step may have run with
+            # its trap still to come, and that trap, seen later, would go to the guest
+            # as its own (threadphases died of SIGTRAP after an xrstor, switched
+            # twice, about 1 run in 5). Resumed with a step again, the task reports
+            # the step's trap, or runs the step if it had not.
             status = run_until(thread, pt.PTRACE_SINGLESTEP,
-                               lambda s: s >> 16 != pt.PTRACE_EVENT_SECCOMP)
+                               lambda s: s >> 16 not in (pt.PTRACE_EVENT_SECCOMP, pt.PTRACE_EVENT_STOP))
         finally:
             if site.address in space.sites:
                 space.mem.write(site.address, INT3)

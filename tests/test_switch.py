@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 
@@ -39,20 +40,27 @@ def switch_twice(prog, tmp_path, first, native):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # Unbuffered: communicate() reads the raw pipe, so output a buffered readline()
     # had read ahead (the lines after a phase, when they come at once) would be lost.
-    # -v: a guest killed by a signal is named on sbe's stderr, which pytest shows.
+    # -v: sbe says on stderr when it switched (and names a signal that killed the
+    # guest), which the test waits for and shows.
     proc = subprocess.Popen(sbe_argv("run", "-v", "--mode", first, "--stats-json", str(stats), "--", prog),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             start_new_session=True, bufsize=0)
+    said: list[bytes] = []
     try:
         lines = [proc.stdout.readline()]
         for i in range(2):
-            # The guest has printed its phase and now waits for stdin: switch, go on.
+            # The guest has printed its phase and now waits for stdin: switch, and go
+            # on once sbe says it switched (two SIGUSR1 sent at once are one signal).
             proc.send_signal(signal.SIGUSR1)
-            try:
-                proc.stdin.write(b"\n")
-            except BrokenPipeError:
-                pytest.fail(f"sbe and its guest were gone at switch {i + 1} (sbe's status "
-                            f"{proc.wait(timeout=30)}), after {b''.join(lines)!r}")
+            while sum(line.startswith(b"sbe: switched to") for line in said) < i + 1:
+                if not select.select([proc.stderr], [], [], 60)[0]:
+                    pytest.fail(f"no switch {i + 1} within 60 s; sbe said {b''.join(said)!r}")
+                line = proc.stderr.readline()
+                if not line:
+                    pytest.fail(f"sbe and its guest were gone at switch {i + 1} (sbe's status "
+                                f"{proc.wait(timeout=30)}), after {b''.join(lines)!r}; sbe said {b''.join(said)!r}")
+                said.append(line)
+            proc.stdin.write(b"\n")
             lines.append(proc.stdout.readline())
         rest, _ = proc.communicate(timeout=100)
     finally:
