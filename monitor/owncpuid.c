@@ -65,3 +65,11 @@ int sbe_own_cpuid_faulting(void)
     }
     return 0;
 }
+
+/* Undo sbe_own_cpuid_faulting: cpuid runs again, the SIGSEGV disposition is the
+ * one before (for a caller that runs sbe in its own process, such as a test). */
+void sbe_own_cpuid_faulting_off(void)
+{
+    syscall(SYS_arch_prctl, ARCH_SET_CPUID, 1);
+    sigaction(SIGSEGV, &previous, NULL);
+}

@@ -18,3 +18,8 @@ def arm() -> bool:
     armed = lib is not None and lib.sbe_own_cpuid_faulting() == 0
     log.debug("CPUID faulting in sbe's own thread: %s", "armed" if armed else "not available")
     return armed
+
+
+def disarm() -> None:
+    """Undo arm (when it armed): the process goes on as it was before."""
+    lib.sbe_own_cpuid_faulting_off()

@@ -127,17 +127,17 @@ class Session:
         # The process is sbe's alone (the command line's, not a caller's): its own
         # thread may take CPUID faulting (monitor/owncpuid.py).
         self.own_process = own_process
+        self.cpuid_armed = False
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> int:
         from sbe.monitor.launch import spawn
         self.pinning.pin()
-        if self.own_process:
-            owncpuid.arm()
+        self.cpuid_armed = self.own_process and owncpuid.arm()
         try:
             pid = spawn(self.path, self.argv)
         except BaseException:
-            self.pinning.release(())
+            self.leave_process()
             raise
         self.first_pid = pid
         thread = Thread(pid, None)
@@ -146,6 +146,14 @@ class Session:
         self.stats.processes = 1
         self.stats.threads = 1
         return pid
+
+    def leave_process(self) -> None:
+        """The guest is gone: sbe's process as it was before the session (its
+        CPUs, its cpuid)."""
+        self.pinning.release(())
+        if self.cpuid_armed:
+            owncpuid.disarm()
+            self.cpuid_armed = False
 
     def run(self) -> int:
         """Run the guest to the end; returns its exit status as a shell reports it."""
@@ -158,7 +166,7 @@ class Session:
             if self.threads:
                 reap_killed(list(self.threads))
                 self.threads.clear()
-            self.pinning.release(())
+            self.leave_process()
             for space in self.spaces:
                 codecache.save(self, space)
             if self.cache is not None:

@@ -54,3 +54,18 @@ def test_other_faults_still_kill():
     if out.stdout.strip() == "unavailable":
         pytest.skip("no CPUID faulting on this machine")
     assert out.stdout == "same\n" and out.returncode == -11, (out.returncode, out.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_in_the_callers_process_leaves_it_as_it_was(guests):
+    """cli.main in-process (as a test or an embedding program runs it) arms sbe's
+    thread and pins it for the guest, and gives both back when the guest is gone."""
+    import ctypes
+    import os
+
+    from sbe.monitor import cli
+    libc = ctypes.CDLL(None, use_errno=True)
+    cpus = os.sched_getaffinity(0)
+    assert cli.main(["run", "--", str(guests / "exit3")]) == 3
+    assert libc.syscall(ctypes.c_long(158), ctypes.c_long(0x1011), ctypes.c_long(0)) == 1   # ARCH_GET_CPUID
+    assert os.sched_getaffinity(0) == cpus

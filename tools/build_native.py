@@ -41,7 +41,7 @@ CDEF = """
     int sbe_scan_init(void);
     size_t sbe_insn_names(char *buf, size_t cap);
 """
-OWN_CPUID_CDEF = "int sbe_own_cpuid_faulting(void);"
+OWN_CPUID_CDEF = "int sbe_own_cpuid_faulting(void); void sbe_own_cpuid_faulting_off(void);"
 
 
 def capstone_dir() -> Path:
