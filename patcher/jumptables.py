@@ -13,8 +13,8 @@ target.
 Either half can stop holding. An mprotect, mmap, munmap or mremap over a table
 demotes the sites that trust it (invalidated); a page holding entries that goes back
 to unscanned gets them back as entries, and one that is dropped demotes the sites
-that jump there. Residual: a write that needs no permission (`/proc/self/mem`,
-`process_vm_writev` with the table's pages, a file rewritten under the mapping) can
+that jump there. Residual: a write that needs no permission (through
+`/proc/self/mem`, which ignores page protections, or to the mapped file itself) can
 change a table unseen, as it can change code unseen.
 """
 from __future__ import annotations
