@@ -83,7 +83,7 @@ def checked(record) -> bool:
         if kept is None:
             return False
         start, end, before, after, guard, island, table = kept
-        if table and (guard or after or island or not table_span(kept, 0, Insn(offset, size, mnemonic, op_str))):
+        if table and (guard or after or island or table_shape(kept, 0, Insn(offset, size, mnemonic, op_str)) is None):
             return False
         # A guard's jump and padding must fit before the site, whose bytes it keeps;
         # a slot call's jump and `call [rsp - 8]` before the site's end.

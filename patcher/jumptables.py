@@ -20,24 +20,31 @@ change a table unseen, as it can change code unseen.
 from __future__ import annotations
 
 import struct
+from functools import partial
 
 from sbe.meta.pagemap import PROT_WRITE, page_of, pages_in
-from sbe.scanner.decode import decode_from
+from sbe.scanner.decode import decode_one
 from sbe.scanner.jumptable import ENTRY, TableJump, shape_at
-from sbe.scanner.x86 import MAX_INSN
 
 
-def shape_in(code: bytes, base: int, is_start, site) -> TableJump | None:
-    """The proved shape ending at `site`, in a page whose original bytes from `base`
-    on are `code`, its starts as `is_start` knows them."""
-    def decode_at(address: int):
-        offset = address - base
-        return next(decode_from(code[offset:offset + MAX_INSN], address, address), None)
-    return shape_at(site, is_start, decode_at, base)
+def shapes(code: bytes, base: int, is_start, sites):
+    """(site, shape) for each branch site among `sites` ((insn, kind) pairs) that is a
+    proved shape (scanner.jumptable), in a page whose original bytes from `base` on
+    are `code`, its starts as `is_start` knows them."""
+    for insn, kind in sites:
+        if kind == "branch":
+            shape = shape_at(insn, is_start, partial(decode_one, code, base), base)
+            if shape is not None:
+                yield insn, shape
 
 
-def _entries(space, shape: TableJump) -> list[int] | None:
-    """The table's entries, or None when the guest could change them."""
+def _read(space, start: int, end: int) -> frozenset[int]:
+    return frozenset(struct.unpack(f"<{(end - start) // ENTRY}Q", space.mem.read(start, end - start)))
+
+
+def targets(space, shape: TableJump) -> frozenset[int] | None:
+    """Where the jump can go, read from its table, or None when the guest could
+    change the table (the first half of the proof)."""
     mapping = space.modules.mapping_at(shape.table)
     if (mapping is None or shape.end > mapping.end or "w" in mapping.perms or not mapping.perms.endswith("p")
             or not mapping.path.startswith("/") or mapping.path.endswith(" (deleted)")):
@@ -46,14 +53,7 @@ def _entries(space, shape: TableJump) -> list[int] | None:
         state = space.pages.get(page)
         if state is not None and state.prot & PROT_WRITE:
             return None
-    return list(struct.unpack(f"<{shape.count}Q", space.mem.read(shape.table, ENTRY * shape.count)))
-
-
-def targets(space, shape: TableJump) -> frozenset[int] | None:
-    """Where the jump can go, read from its table, or None when the table fails the
-    first half of the proof."""
-    found = _entries(space, shape)
-    return None if found is None else frozenset(found)
+    return _read(space, shape.table, shape.end)
 
 
 def prove(space, page: int, is_start, shape: TableJump) -> frozenset[int] | None:
@@ -85,8 +85,7 @@ def prove(space, page: int, is_start, shape: TableJump) -> frozenset[int] | None
 def register(space, site) -> None:
     """`site` now runs its table jump unchecked: what it trusts is kept, for when its
     table or its targets' pages change."""
-    lo, hi = site.patch.table
-    space.tables[site.address] = frozenset(struct.unpack(f"<{(hi - lo) // ENTRY}Q", space.mem.read(lo, hi - lo)))
+    space.tables[site.address] = _read(space, *site.patch.table)
 
 
 def _trusting(space):

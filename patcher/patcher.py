@@ -311,12 +311,8 @@ class Patcher:
         def known(address: int) -> bool:
             return address in result.starts or state.has_start(address)
         named: set[int] = set()
-        for insn, kind in result.sites:
-            if kind == "branch" and insn.mnemonic == "jmp":
-                shape = jumptables.shape_in(code, page, known, insn)
-                found = shape and jumptables.targets(space, shape)
-                if found:
-                    named |= found
+        for _, shape in jumptables.shapes(code, page, known, result.sites):
+            named |= jumptables.targets(space, shape) or set()
         return named
 
     @staticmethod
@@ -326,13 +322,11 @@ class Patcher:
         if space.mode == "patch" and may_write_windows:
             arrivals = state.roots | avoid
             tables, named = {}, set()
-            for insn, kind in found:
-                if kind == "branch" and insn.mnemonic == "jmp":
-                    shape = jumptables.shape_in(code, page, state.has_start, insn)
-                    targets = shape and jumptables.prove(space, page, state.has_start, shape)
-                    if targets:
-                        tables[insn.address] = shape
-                        named |= targets
+            for insn, shape in jumptables.shapes(code, page, state.has_start, found):
+                targets = jumptables.prove(space, page, state.has_start, shape)
+                if targets:
+                    tables[insn.address] = shape
+                    named |= targets
             return plan_windows(code, page, page + PAGE, state.starts, found, state.targets | arrivals | named,
                                 arrivals=arrivals, tables=tables)
         reason = "emulate mode" if space.mode == "emulate" else "found after its page ran"

@@ -39,6 +39,14 @@ def decode_from(code: bytes, base: int, start: int) -> Iterator[Insn]:
     yield from map(Insn._make, _disassembler().disasm_lite(code[offset:], start))
 
 
+def decode_one(code: bytes, base: int, address: int) -> Insn | None:
+    """The one instruction at `address` (`code[0]` being at `base`), or None."""
+    offset = address - base
+    if not 0 <= offset < len(code):
+        return None
+    return next(decode_from(code[offset:offset + MAX_INSN], address, address), None)
+
+
 def ending_at(address: int, is_start: Callable[[int], bool], decode_at: Callable[[int], "Insn | None"],
               floor: int) -> Insn | None:
     """The decoded instruction that ends at `address` (the nearest if several do),

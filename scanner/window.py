@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from itertools import accumulate
 
-from .decode import Insn, decode_from, ending_at
+from .decode import Insn, decode_from, decode_one, ending_at
 from .jumptable import TableJump
 from .sensitive import classify, direct_target, is_terminator
 from .x86 import MAX_INSN, conditional_jump
@@ -213,11 +213,7 @@ class _Planner:
 
     def at(self, address: int) -> Insn | None:
         if address not in self._at:
-            offset = address - self.base
-            insn = None
-            if 0 <= offset < len(self.code):
-                insn = next(decode_from(self.code[offset:offset + MAX_INSN], address, address), None)
-            self._at[address] = insn
+            self._at[address] = decode_one(self.code, self.base, address)
         return self._at[address]
 
     def plan(self, site: Insn, kind: str) -> Window | Fallback:

@@ -2,10 +2,12 @@
 planner gives them: on decoded bytes alone."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
-from sbe.scanner.decode import decode_from
+from sbe.scanner.decode import decode_from, decode_one
 from sbe.scanner.jumptable import shape_at, table_jump
 from sbe.scanner.sensitive import classify
 from sbe.scanner.window import Window, plan_windows
@@ -59,8 +61,7 @@ def test_other_shapes_are_not_proved(text):
 def test_shape_at_walks_back_over_known_starts():
     code, insns = decoded(f"nop; movzx eax, sil; mov rax, qword ptr [rax*8 + {TABLE}]; jmp rax")
     starts = {i.address for i in insns}
-    def at(address):
-        return next(decode_from(code[address - BASE:], address, address), None)
+    at = partial(decode_one, code, BASE)
     assert shape_at(insns[-1], starts.__contains__, at, BASE).bound == insns[1]
     # the load's start unknown: nothing to prove from
     assert shape_at(insns[-1], (starts - {insns[2].address}).__contains__, at, BASE) is None
